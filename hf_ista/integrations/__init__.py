@@ -1,0 +1,15 @@
+"""The only place that touches transformers / PEFT internals."""
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    """Register everything hf_ista adds to the Hugging Face stack (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from . import transformers as _transformers
+
+    _transformers.register()
+    _registered = True

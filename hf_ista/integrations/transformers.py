@@ -1,0 +1,165 @@
+"""Our optimizers as ``TrainingArguments(optim=...)`` names.
+
+transformers has no public registry of optimizer names: ``OptimizerNames`` is a closed enum that
+``TrainingArguments`` and ``HfArgumentParser`` read, and the Trainer maps a name to a class through
+``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``. We add a member to the enum and a handler
+to that table, for the transformers versions we have tested, and refuse others with a clear error.
+
+Adding an optimizer is one file in ``hf_ista/optim/`` and one ``OptimizerSpec`` in ``OPTIMIZERS``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from packaging.version import Version
+
+SUPPORTED = (Version("5.20"), Version("6.0"))  # [low, high)
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One typed ``optim_args`` key: its type, default and the check its value must pass."""
+
+    type: type  # int, float, bool, str or tuple (floats written "a:b")
+    default: Any
+    check: Callable[[Any], bool] = lambda v: True
+    expected: str = ""
+    choices: tuple = ()
+
+    def parse(self, key: str, text: str) -> Any:
+        try:
+            if self.type is bool:
+                lowered = text.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = lowered in ("true", "1", "yes")
+            elif self.type is tuple:
+                value = tuple(float(x) for x in text.split(":"))
+            elif self.type is int:
+                value = int(text)
+            else:
+                value = self.type(text)
+        except ValueError:
+            raise ValueError(
+                f"optim_args: {key}={text!r} is not a valid {self.type.__name__}; expected {self.describe()}"
+            ) from None
+        if (self.choices and value not in self.choices) or not self.check(value):
+            raise ValueError(f"optim_args: {key}={text!r} is out of range; expected {self.describe()}")
+        return value
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        return self.expected or self.type.__name__
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An entry of the optimizer table."""
+
+    cls_path: str  # "module:Class"
+    hypers: dict[str, Hyper] = field(default_factory=dict)
+    adam_like: bool = True  # takes betas / eps from TrainingArguments' adam_* fields
+
+    def load_cls(self):
+        module, name = self.cls_path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_BETAS = Hyper(tuple, None, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two floats in [0, 1) as b1:b2")
+_EPS = Hyper(float, None, lambda v: v >= 0, "a float >= 0")
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "microadam": OptimizerSpec(
+        "hf_ista.optim.microadam:MicroAdam",
+        {
+            "m": Hyper(int, 10, lambda v: v >= 1, "an integer >= 1"),
+            "density": Hyper(float, 0.01, lambda v: 0 < v <= 1, "a float in (0, 1]"),
+            "quant_block_size": Hyper(int, 64, lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
+            "values_dtype": Hyper(str, "bf16", choices=("bf16", "fp16", "fp32")),
+            "betas": _BETAS,
+            "eps": _EPS,
+        },
+    ),
+}
+
+
+def parse_optim_args(name: str, optim_args: str | None) -> dict[str, Any]:
+    """Typed, checked ``optim_args`` for optimizer ``name`` (only the keys given)."""
+    spec = OPTIMIZERS[name]
+    out: dict[str, Any] = {}
+    for item in (optim_args or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"optim_args: {item!r} is not key=value (optimizer {name!r})")
+        if key not in spec.hypers:
+            raise ValueError(
+                f"optim_args: unknown key {key!r} for optimizer {name!r}; accepted keys: {sorted(spec.hypers)}"
+            )
+        out[key] = spec.hypers[key].parse(key, text)
+    return out
+
+
+def optimizer_kwargs(name: str, args) -> dict[str, Any]:
+    """Constructor keyword arguments for ``name`` from a ``TrainingArguments``."""
+    spec = OPTIMIZERS[name]
+    kwargs: dict[str, Any] = {"lr": args.learning_rate}
+    if spec.adam_like:
+        kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    kwargs.update(parse_optim_args(name, args.optim_args))
+    return kwargs
+
+
+def _check_version() -> Version:
+    import transformers
+
+    found = Version(transformers.__version__)
+    low, high = SUPPORTED
+    if not (low <= found < high):
+        raise ImportError(
+            f"hf_ista registers its optimizers with transformers >= {low}, < {high}; found {found}. "
+            f"Install a supported version: pip install 'transformers>={low},<{high}'"
+        )
+    return found
+
+
+def _extend_enum(enum_cls, value: str) -> None:
+    """Add ``value`` to a closed ``str`` Enum in place (idempotent)."""
+    if value in enum_cls._value2member_map_:
+        return
+    member = str.__new__(enum_cls, value)
+    member._name_ = value.upper()
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    enum_cls._member_map_[member._name_] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(member._name_)
+    type.__setattr__(enum_cls, member._name_, member)
+
+
+def _handler(ctx):
+    """The Trainer's handler for every name in ``OPTIMIZERS``."""
+    name = ctx.args.optim.value if hasattr(ctx.args.optim, "value") else str(ctx.args.optim)
+    return OPTIMIZERS[name].load_cls(), optimizer_kwargs(name, ctx.args)
+
+
+def register() -> None:
+    """Make every name of ``OPTIMIZERS`` a valid ``optim`` for TrainingArguments and the Trainer."""
+    _check_version()
+    try:
+        from transformers import trainer_optimizer
+        from transformers.training_args import OptimizerNames
+
+        handlers = trainer_optimizer._OPTIMIZER_HANDLERS
+    except (ImportError, AttributeError) as err:  # pragma: no cover - depends on the installed version
+        raise ImportError(
+            f"hf_ista cannot find transformers' optimizer table ({err}); this transformers is not one "
+            f"hf_ista supports ({SUPPORTED[0]} <= version < {SUPPORTED[1]})"
+        ) from err
+    for name in OPTIMIZERS:
+        _extend_enum(OptimizerNames, name)
+        handlers[OptimizerNames(name)] = _handler

@@ -1,0 +1,135 @@
+"""What every hf_ista optimizer shares: argument checks, the NaN/inf guard, lossless
+``load_state_dict`` and :func:`state_bytes`."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+
+def check_arg(name: str, value, ok: bool, expected: str) -> None:
+    """Raise a ``ValueError`` naming the argument, the value and what was expected."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+def check_adam_args(lr, betas, eps, weight_decay) -> None:
+    check_arg("lr", lr, isinstance(lr, (int, float)) and lr > 0, "a number > 0")
+    check_arg(
+        "betas", betas,
+        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+        "two numbers in [0, 1)",
+    )
+    check_arg("eps", eps, isinstance(eps, (int, float)) and eps >= 0, "a number >= 0")
+    check_arg("weight_decay", weight_decay, isinstance(weight_decay, (int, float)) and weight_decay >= 0,
+              "a number >= 0")
+
+
+class IstaOptimizer(torch.optim.Optimizer):
+    """Base class. Subclasses set ``state_keys`` (the keys of an initialised per-parameter state),
+    implement ``_check_group`` and ``_update(param, group)``, and get the rest from here."""
+
+    state_keys: frozenset[str] = frozenset()
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._check_group(group)
+
+    def _check_group(self, group: dict) -> None:
+        check_adam_args(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for (param, group), finite in zip(work, self._finite(p for p, _ in work)):
+            if finite:
+                self._update(param, group)
+        return loss
+
+    def _finite(self, params: Iterable[torch.Tensor]) -> list[bool]:
+        """Which gradients are all finite. One host sync per step for all parameters: skipping a
+        poisoned update is data-dependent control flow, so the algorithm needs it."""
+        params = list(params)
+        if not params:
+            return []
+        device = params[0].grad.device
+        flags = torch.stack([torch.isfinite(p.grad).all().to(device) for p in params]).tolist()
+        bad = [tuple(p.shape) for p, ok in zip(params, flags) if not ok]
+        if bad:
+            warnings.warn(
+                f"{type(self).__name__}: skipped the update of {len(bad)} parameter(s) whose gradient "
+                f"holds NaN or inf (shapes {bad[:4]}{'...' if len(bad) > 4 else ''}); their state is unchanged",
+                RuntimeWarning, stacklevel=3,
+            )
+        return flags
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict and keep every saved state tensor's dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every state tensor of a floating-point
+        parameter to that parameter's dtype, which would turn packed uint8 / int16 buffers and
+        bf16 values into something else. We let torch do its bookkeeping, then restore the
+        saved tensors with their own dtype on the parameter's device.
+        """
+        saved = state_dict["state"]
+        for param_id, param_state in saved.items():
+            if param_state and self.state_keys and set(param_state) != set(self.state_keys):
+                raise ValueError(
+                    f"this checkpoint was not written by {type(self).__name__}: parameter {param_id} "
+                    f"has state keys {sorted(param_state)}, expected {sorted(self.state_keys)}"
+                )
+        missing = {k for k in self.defaults if any(k not in g for g in state_dict["param_groups"])}
+        if missing:
+            raise ValueError(
+                f"this checkpoint was not written by {type(self).__name__}: its param_groups lack "
+                f"{sorted(missing)}"
+            )
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for param_id, param in zip(ids, params):
+            for key, value in saved.get(param_id, {}).items():
+                if torch.is_tensor(value):
+                    self.state[param][key] = value.to(device=param.device)
+
+
+def _tensor_bytes(t: torch.Tensor, seen: set) -> int:
+    # Tensor subclasses (torchao's quantised states) hold their bytes in inner tensors.
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
+    if t.device.type == "meta":
+        return 0
+    key = (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), t.dtype, tuple(t.shape))
+    if key in seen:
+        return 0
+    seen.add(key)
+    return t.numel() * t.element_size()
+
+
+def _walk(obj, seen: set) -> int:
+    if torch.is_tensor(obj):
+        return _tensor_bytes(obj, seen)
+    if isinstance(obj, dict):
+        return sum(_walk(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_walk(v, seen) for v in obj)
+    return 0
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the tensors of an optimizer's state (any ``torch.optim.Optimizer``).
+
+    Counts every tensor in ``optimizer.state`` (nested containers and tensor subclasses included)
+    once, however many parameters share it. Python scalars (a step counter) count as 0.
+    """
+    inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
+    if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
+        optimizer = inner
+    return _walk(list(optimizer.state.values()), set())
