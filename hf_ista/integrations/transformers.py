@@ -114,10 +114,12 @@ def optimizer_kwargs(name: str, args) -> dict[str, Any]:
     return kwargs
 
 
-def _check_version() -> Version:
-    import transformers
+def _check_version(installed: str | None = None) -> Version:
+    if installed is None:
+        import transformers
 
-    found = Version(transformers.__version__)
+        installed = transformers.__version__
+    found = Version(installed)
     low, high = SUPPORTED
     if not (low <= found < high):
         raise ImportError(

@@ -33,6 +33,7 @@ class IstaOptimizer(torch.optim.Optimizer):
     state_keys: frozenset[str] = frozenset()
 
     def __init__(self, params, defaults: dict):
+        self._hyper_keys = frozenset(defaults)  # torch and wrappers may add keys to self.defaults
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
@@ -84,7 +85,7 @@ class IstaOptimizer(torch.optim.Optimizer):
                     f"this checkpoint was not written by {type(self).__name__}: parameter {param_id} "
                     f"has state keys {sorted(param_state)}, expected {sorted(self.state_keys)}"
                 )
-        missing = {k for k in self.defaults if any(k not in g for g in state_dict["param_groups"])}
+        missing = {k for k in self._hyper_keys if any(k not in g for g in state_dict["param_groups"])}
         if missing:
             raise ValueError(
                 f"this checkpoint was not written by {type(self).__name__}: its param_groups lack "

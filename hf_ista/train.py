@@ -1,0 +1,175 @@
+"""Recipe runner: ``accelerate launch -m hf_ista.train recipes/<name>.yaml``.
+
+A recipe is one flat YAML file: the model and data keys of :class:`RecipeArguments`, any
+``TrainingArguments`` key, and an ``hf_ista:`` block::
+
+    hf_ista:
+      baselines:                 # the same recipe again with these keys changed, for comparison
+        - {optim: adamw_torch, learning_rate: 0.003}
+
+Every run trains the plain ``transformers.Trainer``. The main process then prints a table (eval
+loss, optimizer state bytes per parameter) and writes ``loss_curve.png`` and a model card
+(``README.md``) into ``output_dir``; each baseline trains into ``output_dir/baseline-<optim>``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+import hf_ista
+from hf_ista.data import MODEL_SIZES, load_corpus, tiny_llama
+from hf_ista.integrations.transformers import OPTIMIZERS, parse_optim_args
+from hf_ista.model_card import write_model_card
+
+
+@dataclass
+class RecipeArguments:
+    """Model and data keys of a recipe (everything else is a TrainingArguments key)."""
+
+    model_size: str = field(default="tiny", metadata={"help": f"tiny Llama size: {sorted(MODEL_SIZES)}"})
+    corpus: str = field(default="stdlib", metadata={"help": "'stdlib' or a standard-library package name"})
+    block_size: int = field(default=128, metadata={"help": "tokens (bytes) per training sequence"})
+    max_bytes: int = field(default=2_000_000, metadata={"help": "bytes of the corpus to use"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "share of blocks held out for eval"})
+    init_from: str | None = field(default=None, metadata={"help": "a saved model dir to start from"})
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None):
+    """Parse a recipe into ``(RecipeArguments, TrainingArguments, hf_ista block)``."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw.update(overrides or {})
+    # Without an accelerator, accelerate only sets up gloo DDP for processes it was told are on
+    # the CPU; otherwise `accelerate launch --multi_gpu` silently trains each rank alone.
+    raw.setdefault("use_cpu", not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+    block = raw.pop("hf_ista", None) or {}
+    unknown = set(block) - {"baselines"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys in the hf_ista block: {sorted(unknown)}; accepted: ['baselines']")
+    parser = HfArgumentParser((RecipeArguments, TrainingArguments))
+    recipe, training_args = parser.parse_dict(raw, allow_extra_keys=False)
+    return recipe, training_args, block
+
+
+def build_model(recipe: RecipeArguments):
+    if recipe.init_from:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(recipe.init_from)
+    return tiny_llama(recipe.model_size, max_position_embeddings=recipe.block_size)
+
+
+def run(recipe: RecipeArguments, training_args) -> dict:
+    """Train once; return the figures the table and the model card need."""
+    from transformers import Trainer, set_seed
+
+    set_seed(training_args.seed)
+    data = load_corpus(recipe.corpus, recipe.block_size, recipe.max_bytes, recipe.eval_fraction,
+                       seed=training_args.seed)
+    model = build_model(recipe)
+    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["eval"])
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    seconds = time.perf_counter() - start
+    metrics = trainer.evaluate()
+    trainer.save_model()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optim = training_args.optim.value if hasattr(training_args.optim, "value") else str(training_args.optim)
+    return {
+        "optim": optim,
+        "optim_args": training_args.optim_args or "",
+        "hyperparameters": resolved_hyperparameters(optim, training_args),
+        "learning_rate": training_args.learning_rate,
+        "eval_loss": metrics["eval_loss"],
+        "state_bytes": hf_ista.state_bytes(trainer.optimizer),
+        "params": n_params,
+        "state_bytes_per_param": hf_ista.state_bytes(trainer.optimizer) / n_params,
+        "train_seconds": seconds,
+        "steps": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
+        "output_dir": training_args.output_dir,
+        "is_main": trainer.is_world_process_zero(),
+        "world_size": training_args.world_size,
+    }
+
+
+def resolved_hyperparameters(optim: str, training_args) -> dict:
+    """Every hyperparameter the optimizer ran with: defaults overridden by ``optim_args``."""
+    if optim not in OPTIMIZERS:
+        return {"betas": (training_args.adam_beta1, training_args.adam_beta2), "eps": training_args.adam_epsilon}
+    spec = OPTIMIZERS[optim]
+    values = {k: h.default for k, h in spec.hypers.items() if h.default is not None}
+    if spec.adam_like:
+        values.update(betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
+    values.update(parse_optim_args(optim, training_args.optim_args))
+    values["weight_decay"] = training_args.weight_decay
+    return values
+
+
+def format_table(results: list[dict]) -> str:
+    rows = [("optimizer", "lr", "eval loss", "state B/param", "train s")]
+    rows += [(r["optim"], f"{r['learning_rate']:g}", f"{r['eval_loss']:.4f}",
+              f"{r['state_bytes_per_param']:.3f}", f"{r['train_seconds']:.0f}") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_loss_curves(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        train = [(h["step"], h["loss"]) for h in r["log_history"] if "loss" in h]
+        evals = [(h["step"], h["eval_loss"]) for h in r["log_history"] if "eval_loss" in h]
+        if train:
+            line, = ax.plot(*zip(*train), label=f"{r['optim']} train")
+            if evals:
+                ax.plot(*zip(*evals), "o--", color=line.get_color(), label=f"{r['optim']} eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.set_title("Loss curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise SystemExit("usage: accelerate launch -m hf_ista.train RECIPE.yaml")
+    recipe_path = argv[0]
+    recipe, training_args, block = load_recipe(recipe_path)
+    results = [run(recipe, training_args)]
+    for overrides in block.get("baselines", []):
+        optim = overrides.get("optim", "baseline")
+        out = str(Path(training_args.output_dir) / f"baseline-{optim}")
+        _, baseline_args, _ = load_recipe(recipe_path, {**overrides, "output_dir": out, "hf_ista": None})
+        results.append(run(recipe, baseline_args))
+
+    if results[0]["is_main"]:
+        out_dir = Path(training_args.output_dir)
+        print("\n" + format_table(results) + "\n", flush=True)
+        plot_loss_curves(results, out_dir / "loss_curve.png")
+        write_model_card(out_dir / "README.md", recipe_path, dataclasses.asdict(recipe), results)
+        summary = [{k: v for k, v in r.items() if k != "log_history"} for r in results]
+        (out_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()
