@@ -91,9 +91,13 @@ def compress_error_torch(a, row_indices, error, minmax, quant_block_size: int, c
     bounds = torch.stack((blocks.amin(1), blocks.amax(1)), dim=1).to(torch.bfloat16)
     minmax.copy_(bounds)
     lo, hi = bounds.float().unbind(-1)
-    inv = torch.where(hi > lo, 15.0 / (hi - lo), torch.zeros_like(hi))
-    codes = ((blocks - lo[:, None]) * inv[:, None] + 0.5).floor_().clamp_(0, 15).to(torch.uint8)
-    codes = codes.view(-1, 2)
+    # (x - lo) * 15 / (hi - lo), a true division (not a reciprocal): an entry zeroed above in a
+    # block with lo == -hi then lands exactly on 7.5 and rounds up to 8 in both twins, instead of
+    # to 7 or 8 by the rounding of 15 / (hi - lo).
+    live = (hi > lo)[:, None]
+    span = torch.where(live, (hi - lo)[:, None], 1.0)
+    codes = ((blocks - lo[:, None]) * 15.0 / span + 0.5).floor_().clamp_(0, 15)
+    codes = torch.where(live, codes, 0.0).to(torch.uint8).view(-1, 2)
     error.copy_(codes[:, 0] | (codes[:, 1] << 4))
 
 
@@ -230,15 +234,19 @@ if triton_available():
         tl.store(mm_ptr + 2 * q + 1, (hi_bits >> 16).to(tl.int16))
         lo = lo_bits.to(tl.float32, bitcast=True)
         hi = hi_bits.to(tl.float32, bitcast=True)
-        inv = tl.where(hi > lo, 15.0 / (hi - lo), 0.0)
+        # IEEE division (div_rn), as the torch twin: exact .5 ties round the same way in both.
+        span = tl.where(hi > lo, hi - lo, 1.0)
+        gate = tl.where(hi > lo, 1.0, 0.0)
         for s in range(0, half, BLOCK):
             h = s + tl.arange(0, BLOCK)
             i = q * qb + 2 * h
             live = h < half
             xe = tl.load(a_ptr + i, mask=live & (i < D), other=0.0)
             xo = tl.load(a_ptr + i + 1, mask=live & (i + 1 < D), other=0.0)
-            ce = tl.minimum(tl.maximum(tl.floor((xe - lo) * inv + 0.5), 0.0), 15.0).to(tl.int32)
-            co = tl.minimum(tl.maximum(tl.floor((xo - lo) * inv + 0.5), 0.0), 15.0).to(tl.int32)
+            ye = tl.floor(tl.math.div_rn((xe - lo) * 15.0, span) + 0.5) * gate
+            yo = tl.floor(tl.math.div_rn((xo - lo) * 15.0, span) + 0.5) * gate
+            ce = tl.minimum(tl.maximum(ye, 0.0), 15.0).to(tl.int32)
+            co = tl.minimum(tl.maximum(yo, 0.0), 15.0).to(tl.int32)
             tl.store(err_ptr + q * half + h, (ce | (co << 4)).to(tl.uint8), mask=live)
 
     @triton.jit

@@ -34,9 +34,17 @@ class IstaOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict):
         self._hyper_keys = frozenset(defaults)  # torch and wrappers may add keys to self.defaults
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._check_group(group)
+        super().__init__(params, defaults)  # every group goes through add_param_group: checked there
+
+    def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group``, then the argument checks on the completed group
+        (a group added after construction is checked too; a rejected one is not kept)."""
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def _check_group(self, group: dict) -> None:
         check_adam_args(group["lr"], group["betas"], group["eps"], group["weight_decay"])
@@ -100,37 +108,52 @@ class IstaOptimizer(torch.optim.Optimizer):
                     self.state[param][key] = value.to(device=param.device)
 
 
-def _tensor_bytes(t: torch.Tensor, seen: set) -> int:
+def _collect(t: torch.Tensor, spans: dict) -> None:
+    """Record the byte range of ``t`` in its storage (tensor subclasses: of their inner tensors)."""
     # Tensor subclasses (torchao's quantised states) hold their bytes in inner tensors.
     if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
-    if t.device.type == "meta":
-        return 0
-    key = (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), t.dtype, tuple(t.shape))
-    if key in seen:
-        return 0
-    seen.add(key)
-    return t.numel() * t.element_size()
+        for n in names:
+            _collect(getattr(t, n), spans)
+        return
+    if t.device.type == "meta" or t.numel() == 0:
+        return
+    size = t.element_size()
+    start = t.storage_offset() * size
+    extent = (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))) * size
+    spans.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((start, start + extent))
 
 
-def _walk(obj, seen: set) -> int:
+def _walk(obj, spans: dict) -> None:
     if torch.is_tensor(obj):
-        return _tensor_bytes(obj, seen)
-    if isinstance(obj, dict):
-        return sum(_walk(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_walk(v, seen) for v in obj)
-    return 0
+        _collect(obj, spans)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _walk(v, spans)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _walk(v, spans)
+
+
+def _union_length(ranges: list) -> int:
+    total, end = 0, -1
+    for lo, hi in sorted(ranges):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by the tensors of an optimizer's state (any ``torch.optim.Optimizer``).
 
     Counts every tensor in ``optimizer.state`` (nested containers and tensor subclasses included)
-    once, however many parameters share it. Python scalars (a step counter) count as 0.
+    once, however many parameters share it; views of one buffer count each of its bytes once.
+    Python scalars (a step counter) count as 0.
     """
     inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
     if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
         optimizer = inner
-    return _walk(list(optimizer.state.values()), set())
+    spans: dict = {}
+    _walk(list(optimizer.state.values()), spans)
+    return sum(_union_length(r) for r in spans.values())

@@ -65,6 +65,8 @@ class MicroAdam(IstaOptimizer):
         return state
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
+        if p.numel() == 0:  # nothing to update (and no chunk to lay out)
+            return
         state = self.state[p] or self._init_state(p, group)
         indices, values = state["indices"], state["values"]
         error, minmax = state["error"], state["error_minmax"]
