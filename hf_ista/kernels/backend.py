@@ -6,6 +6,7 @@ it needs ``TRITON_INTERPRET=1``); ``torch`` forces the twins.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -48,3 +49,9 @@ def use_triton(tensor: torch.Tensor) -> bool:
             raise RuntimeError("HF_ISTA_KERNELS=triton but triton is not installed: pip install triton")
         return True
     return tensor.is_cuda and triton_available()
+
+
+def device_of(tensor: torch.Tensor):
+    """Context that makes ``tensor``'s CUDA device current: Triton launches on the current device,
+    so a parameter on ``cuda:1`` must not be launched from ``cuda:0``."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .backend import triton_available, use_triton
+from .backend import device_of, triton_available, use_triton
 
 CHUNK_MAX = 32768  # chunk-relative indices are stored as int16
 _OFFSET_BITS = 15  # log2(CHUNK_MAX)
@@ -329,19 +329,28 @@ def window_update_triton(param, indices, values, weights, lr, weight_decay, c1, 
 
 
 def dequant_add(grad, error, minmax, out, quant_block_size: int) -> torch.Tensor:
-    impl = dequant_add_triton if use_triton(out) else dequant_add_torch
-    return impl(grad, error, minmax, out, quant_block_size)
+    if not use_triton(out):
+        return dequant_add_torch(grad, error, minmax, out, quant_block_size)
+    with device_of(out):
+        return dequant_add_triton(grad, error, minmax, out, quant_block_size)
 
 
 def select_topk(a, indices, values, row: int, chunk: int) -> None:
-    (select_topk_triton if use_triton(a) else select_topk_torch)(a, indices, values, row, chunk)
+    if not use_triton(a):
+        return select_topk_torch(a, indices, values, row, chunk)
+    with device_of(a):
+        select_topk_triton(a, indices, values, row, chunk)
 
 
 def compress_error(a, row_indices, error, minmax, quant_block_size: int, chunk: int) -> None:
-    impl = compress_error_triton if use_triton(a) else compress_error_torch
-    impl(a, row_indices, error, minmax, quant_block_size, chunk)
+    if not use_triton(a):
+        return compress_error_torch(a, row_indices, error, minmax, quant_block_size, chunk)
+    with device_of(a):
+        compress_error_triton(a, row_indices, error, minmax, quant_block_size, chunk)
 
 
 def window_update(param, indices, values, weights, lr, weight_decay, c1, c2, eps, chunk) -> None:
-    impl = window_update_triton if use_triton(param) else window_update_torch
-    impl(param, indices, values, weights, lr, weight_decay, c1, c2, eps, chunk)
+    if not use_triton(param):
+        return window_update_torch(param, indices, values, weights, lr, weight_decay, c1, c2, eps, chunk)
+    with device_of(param):
+        window_update_triton(param, indices, values, weights, lr, weight_decay, c1, c2, eps, chunk)
