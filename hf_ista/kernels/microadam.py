@@ -119,10 +119,17 @@ def window_update_torch(param, indices, values, weights, lr, weight_decay, c1, c
     moments = torch.zeros(2, n_chunks * chunk, dtype=torch.float32, device=param.device)
     moments[0].index_add_(0, flat_idx, (vals * weights[:, :1]).view(-1))
     moments[1].index_add_(0, flat_idx, (vals.square() * weights[:, 1:]).view(-1))
-    d = param.numel()
-    update = (c1 * moments[0, :d]) / ((c2 * moments[1, :d]).sqrt() + eps)
+    # Only the window's entries move (besides weight decay): compute the update there alone.
+    # Duplicate indices write the same value; padded positions (>= d) hold no parameter.
+    idx = flat_idx[flat_idx < param.numel()]
+    mom1, mom2 = c1 * moments[0, idx], c2 * moments[1, idx]
+    update = torch.where(mom2 > 0, mom1 / (mom2.sqrt() + eps), 0.0)  # eps may be 0
     flat = param.view(-1)
-    flat.copy_(flat.float() * (1 - lr * weight_decay) - lr * update)
+    decay = 1 - lr * weight_decay
+    old = flat[idx].float()
+    if decay != 1:
+        flat.mul_(decay)
+    flat[idx] = (old * decay - lr * update).to(flat.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +289,7 @@ if triton_available():
             mh = c1 * tl.load(mom1 + offs, mask=live, other=0.0)
             vh = c2 * tl.load(mom2 + offs, mask=live, other=0.0)
             p = tl.load(p_ptr + i, mask=live, other=0.0).to(tl.float32)
-            p = p * decay - lr * (mh / (tl.sqrt(vh) + eps))
+            p = p * decay - lr * tl.where(vh > 0, mh / (tl.sqrt(vh) + eps), 0.0)  # eps may be 0
             tl.store(p_ptr + i, p.to(p_ptr.dtype.element_ty), mask=live)
 
 

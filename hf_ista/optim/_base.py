@@ -55,7 +55,8 @@ class IstaOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        # An empty parameter has nothing to update (and no layout): skipped.
+        work = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None and p.numel()]
         for (param, group), finite in zip(work, self._finite(p for p, _ in work)):
             if finite:
                 self._update(param, group)
@@ -68,7 +69,9 @@ class IstaOptimizer(torch.optim.Optimizer):
         if not params:
             return []
         device = params[0].grad.device
-        flags = torch.stack([torch.isfinite(p.grad).all().to(device) for p in params]).tolist()
+        # max |g| is NaN or inf exactly when some entry is; one fused call for all gradients.
+        peaks = torch._foreach_norm([p.grad for p in params], float("inf"))
+        flags = torch.isfinite(torch.stack([peak.to(device) for peak in peaks])).tolist()
         bad = [tuple(p.shape) for p, ok in zip(params, flags) if not ok]
         if bad:
             warnings.warn(

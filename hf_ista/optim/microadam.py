@@ -64,9 +64,17 @@ class MicroAdam(IstaOptimizer):
         state["error_minmax"] = torch.zeros(lay.n_qblocks, 2, dtype=torch.bfloat16, device=p.device)
         return state
 
+    def step(self, closure=None):
+        self._weights = {}  # window weights depend only on (step, m, betas, device): once per step
+        return super().step(closure)
+
+    def _window_weights(self, t: int, m: int, beta1: float, beta2: float, device) -> torch.Tensor:
+        key = (t, m, beta1, beta2, device)
+        if key not in self._weights:
+            self._weights[key] = K.window_weights(t, m, beta1, beta2, device)
+        return self._weights[key]
+
     def _update(self, p: torch.Tensor, group: dict) -> None:
-        if p.numel() == 0:  # nothing to update (and no chunk to lay out)
-            return
         state = self.state[p] or self._init_state(p, group)
         indices, values = state["indices"], state["values"]
         error, minmax = state["error"], state["error_minmax"]
@@ -84,7 +92,7 @@ class MicroAdam(IstaOptimizer):
         K.select_topk(a, indices, values, (t - 1) % m, chunk)
         K.compress_error(a, indices[(t - 1) % m], error, minmax, quant_block_size, chunk)
 
-        weights = K.window_weights(t, m, beta1, beta2, p.device)
+        weights = self._window_weights(t, m, beta1, beta2, p.device)
         c1 = (1 - beta1) / (1 - beta1 ** t)
         c2 = (1 - beta2) / (1 - beta2 ** t)
         flat = p if p.is_contiguous() else p.contiguous()
