@@ -82,6 +82,7 @@ def run(recipe: RecipeArguments, training_args) -> dict:
     metrics = trainer.evaluate()
     trainer.save_model()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_bytes = hf_ista.state_bytes(trainer.optimizer)
     optim = training_args.optim.value if hasattr(training_args.optim, "value") else str(training_args.optim)
     return {
         "optim": optim,
@@ -89,9 +90,9 @@ def run(recipe: RecipeArguments, training_args) -> dict:
         "hyperparameters": resolved_hyperparameters(optim, training_args),
         "learning_rate": training_args.learning_rate,
         "eval_loss": metrics["eval_loss"],
-        "state_bytes": hf_ista.state_bytes(trainer.optimizer),
+        "state_bytes": n_bytes,
         "params": n_params,
-        "state_bytes_per_param": hf_ista.state_bytes(trainer.optimizer) / n_params,
+        "state_bytes_per_param": n_bytes / n_params,
         "train_seconds": seconds,
         "steps": trainer.state.global_step,
         "log_history": trainer.state.log_history,

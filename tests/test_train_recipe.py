@@ -1,0 +1,50 @@
+"""The recipe runner behind the README's main job: table, loss curve, model card."""
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from hf_ista import train
+
+SHORT = {
+    "model_size": "nano", "corpus": "json", "block_size": 64, "max_bytes": 40_000,
+    "optim": "microadam", "optim_args": "m=4,density=0.05", "learning_rate": 0.01,
+    "max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 2, "eval_strategy": "steps",
+    "eval_steps": 3, "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "seed": 0,
+}
+
+
+def test_recipe_with_baseline_writes_table_plot_and_card(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path / "out"),
+                                      "hf_ista": {"baselines": [{"optim": "adamw_torch", "learning_rate": 0.003}]}}))
+    results = train.main([str(recipe)])
+    assert [r["optim"] for r in results] == ["microadam", "adamw_torch"]
+    assert [r["steps"] for r in results] == [6, 6]
+    assert results[1]["learning_rate"] == 0.003 and results[1]["output_dir"].endswith("baseline-adamw_torch")
+    # AdamW keeps two fp32 moments (+ a 4-byte step per tensor); MicroAdam about a byte at density 5 %.
+    assert 8.0 <= results[1]["state_bytes_per_param"] < 8.1
+    assert results[0]["state_bytes_per_param"] < 2.0
+
+    table = capsys.readouterr().out
+    for r in results:
+        assert f"{r['eval_loss']:.4f}" in table and f"{r['state_bytes_per_param']:.3f}" in table
+
+    out = tmp_path / "out"
+    width, height = Image.open(out / "loss_curve.png").size
+    assert width > 300 and height > 200
+    card = (out / "README.md").read_text()
+    assert "**`microadam`**" in card and "| m | `4` |" in card and "| density | `0.05` |" in card
+    assert f"{results[0]['state_bytes']:,} bytes" in card
+    assert json.loads((out / "results.json").read_text())[1]["optim"] == "adamw_torch"
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path), "hf_ista": {"callbacks": []}}))
+    with pytest.raises(ValueError, match="unknown keys in the hf_ista block: \\['callbacks'\\]"):
+        train.load_recipe(recipe)
+    recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path), "model_sise": "nano"}))
+    with pytest.raises(ValueError, match="model_sise"):
+        train.load_recipe(recipe)
