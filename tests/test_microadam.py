@@ -496,3 +496,13 @@ def test_cuda_param_matches_cpu():
         for key, dtype in (("indices", torch.int16), ("values", torch.bfloat16), ("error", torch.uint8),
                            ("error_minmax", torch.bfloat16)):
             assert state[key].device == p.device and state[key].dtype == dtype, key
+
+
+def test_sparse_gradient_is_a_clear_error():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = MicroAdam(emb.parameters(), lr=1e-3)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"does not support sparse gradients \(parameter of shape \(10, 4\)\)"):
+        opt.step()
+    assert torch.equal(emb.weight, before) and not opt.state

@@ -57,6 +57,10 @@ class IstaOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # An empty parameter has nothing to update (and no layout): skipped.
         work = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None and p.numel()]
+        for p, _ in work:
+            if p.grad.is_sparse:
+                raise ValueError(f"{type(self).__name__} does not support sparse gradients (parameter of "
+                                 f"shape {tuple(p.shape)}); use a dense embedding (sparse=False)")
         for (param, group), finite in zip(work, self._finite(p for p, _ in work)):
             if finite:
                 self._update(param, group)
