@@ -117,8 +117,14 @@ def window_update_torch(param, indices, values, weights, lr, weight_decay, c1, c
     flat_idx = (indices.long() + torch.arange(n_chunks, device=param.device)[:, None] * chunk).view(-1)
     vals = values.float().view(m, -1)
     moments = torch.zeros(2, n_chunks * chunk, dtype=torch.float32, device=param.device)
-    moments[0].index_add_(0, flat_idx, (vals * weights[:, :1]).view(-1))
-    moments[1].index_add_(0, flat_idx, (vals.square() * weights[:, 1:]).view(-1))
+    first, second = vals * weights[:, :1], vals.square() * weights[:, 1:]
+    if param.is_cuda:  # CUDA index_add_ adds duplicates in any order: one row at a time instead
+        for r, row_idx in enumerate(flat_idx.view(m, -1)):
+            moments[0].index_add_(0, row_idx, first[r])
+            moments[1].index_add_(0, row_idx, second[r])
+    else:  # the CPU adds in index order: rows 0..m-1, as on CUDA
+        moments[0].index_add_(0, flat_idx, first.view(-1))
+        moments[1].index_add_(0, flat_idx, second.view(-1))
     # Only the window's entries move (besides weight decay): compute the update there alone.
     # Duplicate indices write the same value; padded positions (>= d) hold no parameter.
     idx = flat_idx[flat_idx < param.numel()]
@@ -153,7 +159,7 @@ if triton_available():
 
     @triton.jit
     def _dequant_add_kernel(grad_ptr, err_ptr, mm_ptr, out_ptr, d, D, qb, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = i < D
         byte = tl.load(err_ptr + i // 2, mask=live, other=0).to(tl.int32)
         code = ((byte >> ((i % 2) * 4)) & 0xF).to(tl.float32)
@@ -161,14 +167,14 @@ if triton_available():
         lo = _bf16_bits_to_f32(tl.load(mm_ptr + 2 * q, mask=live, other=0))
         hi = _bf16_bits_to_f32(tl.load(mm_ptr + 2 * q + 1, mask=live, other=0))
         g = tl.load(grad_ptr + i, mask=i < d, other=0.0).to(tl.float32)
-        out = tl.where(i < d, g + (code * ((hi - lo) / 15) + lo), 0.0)
+        out = tl.where(i < d, g + (code * tl.math.div_rn(hi - lo, 15.0) + lo), 0.0)
         tl.store(out_ptr + i, out, mask=live)
 
     @triton.jit
     def _select_topk_kernel(a_ptr, idx_ptr, val_ptr, row_offset, chunk, k_chunk, BLOCK: tl.constexpr):
         # One program per chunk. Binary search on the magnitude bits for the k-th largest value,
         # then an ordered compaction: no sort, bounded registers, any chunk size up to 32768.
-        j = tl.program_id(0)
+        j = tl.program_id(0).to(tl.int64)  # offsets in int64: tensors may exceed 2**31 bytes
         base = a_ptr + j * chunk
         lo = 0
         hi = 0x7F800000  # bits of +inf: every finite magnitude is below
@@ -212,7 +218,7 @@ if triton_available():
 
     @triton.jit
     def _zero_selected_kernel(a_ptr, idx_ptr, chunk, k_chunk, BLOCK: tl.constexpr):
-        j = tl.program_id(0)
+        j = tl.program_id(0).to(tl.int64)  # offsets in int64: tensors may exceed 2**31 bytes
         for s in range(0, k_chunk, BLOCK):
             offs = s + tl.arange(0, BLOCK)
             live = offs < k_chunk
@@ -223,7 +229,7 @@ if triton_available():
     def _quantize_kernel(a_ptr, err_ptr, mm_ptr, D, qb, BLOCK: tl.constexpr):
         # One program per quantisation block; even and odd elements are loaded apart so the
         # two nibbles of a byte are packed without a reshape.
-        q = tl.program_id(0)
+        q = tl.program_id(0).to(tl.int64)
         half = qb // 2
         lo = float("inf")
         hi = float("-inf")
@@ -257,13 +263,13 @@ if triton_available():
             tl.store(err_ptr + q * half + h, (ce | (co << 4)).to(tl.uint8), mask=live)
 
     @triton.jit
-    def _window_update_kernel(p_ptr, idx_ptr, val_ptr, w_ptr, scratch_ptr, m, d, chunk, k_chunk,
+    def _window_update_kernel(p_ptr, idx_ptr, val_ptr, w_ptr, mom1_ptr, mom2_ptr, m, d, chunk, k_chunk,
                               lr, decay, c1, c2, eps, n_chunks, BLOCK: tl.constexpr):
         # One program per chunk: scatter the window into this chunk's slice of the scratch
         # moments (only this program touches it), then one dense pass applies the update.
-        j = tl.program_id(0)
-        mom1 = scratch_ptr + j * chunk
-        mom2 = scratch_ptr + n_chunks * chunk + j * chunk
+        j = tl.program_id(0).to(tl.int64)  # offsets in int64: tensors may exceed 2**31 bytes
+        mom1 = mom1_ptr + j * chunk
+        mom2 = mom2_ptr + j * chunk
         for s in range(0, chunk, BLOCK):
             offs = s + tl.arange(0, BLOCK)
             zero = tl.zeros([BLOCK], dtype=tl.float32)
@@ -279,9 +285,11 @@ if triton_available():
                 live = offs < k_chunk
                 idx = tl.load(idx_ptr + row + offs, mask=live, other=0).to(tl.int32)
                 v = tl.load(val_ptr + row + offs, mask=live, other=0.0).to(tl.float32)
-                tl.atomic_add(mom1 + idx, w1 * v, mask=live)
-                tl.atomic_add(mom2 + idx, w2 * v * v, mask=live)
-        tl.debug_barrier()
+                # Offsets are distinct within a row (zero rows add 0), so no atomics; the barrier
+                # below adds rows in order 0..m-1: deterministic, as DDP ranks must be.
+                tl.store(mom1 + idx, tl.load(mom1 + idx, mask=live, other=0.0) + w1 * v, mask=live)
+                tl.store(mom2 + idx, tl.load(mom2 + idx, mask=live, other=0.0) + w2 * (v * v), mask=live)
+            tl.debug_barrier()
         for s in range(0, chunk, BLOCK):
             offs = s + tl.arange(0, BLOCK)
             i = j * chunk + offs
@@ -289,8 +297,13 @@ if triton_available():
             mh = c1 * tl.load(mom1 + offs, mask=live, other=0.0)
             vh = c2 * tl.load(mom2 + offs, mask=live, other=0.0)
             p = tl.load(p_ptr + i, mask=live, other=0.0).to(tl.float32)
-            p = p * decay - lr * tl.where(vh > 0, mh / (tl.sqrt(vh) + eps), 0.0)  # eps may be 0
+            p = p * decay - lr * tl.where(vh > 0, tl.math.div_rn(mh, tl.sqrt_rn(vh) + eps), 0.0)  # eps may be 0
             tl.store(p_ptr + i, p.to(p_ptr.dtype.element_ty), mask=live)
+
+
+# Correctly rounded division and square root, no fused multiply-add: the GPU kernels then give
+# the torch twins' numbers (bit for bit where the op order matches), and every DDP rank the same.
+_EXACT = {"enable_fp_fusion": False}
 
 
 def _block(n: int, cap: int = 1024) -> int:
@@ -301,7 +314,7 @@ def dequant_add_triton(grad, error, minmax, out, quant_block_size: int) -> torch
     D = out.numel()
     block = 1024
     _dequant_add_kernel[(triton.cdiv(D, block),)](
-        grad.reshape(-1), error, minmax.view(torch.int16), out, grad.numel(), D, quant_block_size, BLOCK=block
+        grad.reshape(-1), error, minmax.view(torch.int16), out, grad.numel(), D, quant_block_size, BLOCK=block, **_EXACT
     )
     return out
 
@@ -309,24 +322,24 @@ def dequant_add_triton(grad, error, minmax, out, quant_block_size: int) -> torch
 def select_topk_triton(a, indices, values, row: int, chunk: int) -> None:
     m, n_chunks, k_chunk = indices.shape
     _select_topk_kernel[(n_chunks,)](
-        a, indices, values, row * n_chunks * k_chunk, chunk, k_chunk, BLOCK=_block(chunk, 2048)
+        a, indices, values, row * n_chunks * k_chunk, chunk, k_chunk, BLOCK=_block(chunk, 2048), **_EXACT
     )
 
 
 def compress_error_triton(a, row_indices, error, minmax, quant_block_size: int, chunk: int) -> None:
     n_chunks, k_chunk = row_indices.shape
-    _zero_selected_kernel[(n_chunks,)](a, row_indices, chunk, k_chunk, BLOCK=_block(k_chunk))
+    _zero_selected_kernel[(n_chunks,)](a, row_indices, chunk, k_chunk, BLOCK=_block(k_chunk), **_EXACT)
     _quantize_kernel[(minmax.shape[0],)](
-        a, error, minmax.view(torch.int16), a.numel(), quant_block_size, BLOCK=_block(quant_block_size // 2)
+        a, error, minmax.view(torch.int16), a.numel(), quant_block_size, BLOCK=_block(quant_block_size // 2), **_EXACT
     )
 
 
 def window_update_triton(param, indices, values, weights, lr, weight_decay, c1, c2, eps, chunk) -> None:
     m, n_chunks, k_chunk = indices.shape
-    scratch = torch.empty(2 * n_chunks * chunk, dtype=torch.float32, device=param.device)
+    scratch = torch.empty(2, n_chunks * chunk, dtype=torch.float32, device=param.device)
     _window_update_kernel[(n_chunks,)](
-        param, indices, values, weights.contiguous(), scratch, m, param.numel(), chunk, k_chunk,
-        lr, 1 - lr * weight_decay, c1, c2, eps, n_chunks, BLOCK=_block(chunk),
+        param, indices, values, weights.contiguous(), scratch[0], scratch[1], m, param.numel(), chunk,
+        k_chunk, lr, 1 - lr * weight_decay, c1, c2, eps, n_chunks, BLOCK=_block(chunk), **_EXACT,
     )
 
 
