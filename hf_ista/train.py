@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,11 +42,22 @@ class RecipeArguments:
     init_from: str | None = field(default=None, metadata={"help": "a saved model dir to start from"})
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; a recipe means the number."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
 def load_recipe(path: str | Path, overrides: dict | None = None):
     """Parse a recipe into ``(RecipeArguments, TrainingArguments, hf_ista block)``."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = yaml.load(Path(path).read_text(), Loader=_RecipeLoader) or {}
     raw.update(overrides or {})
     # Without an accelerator, accelerate only sets up gloo DDP for processes it was told are on
     # the CPU; otherwise `accelerate launch --multi_gpu` silently trains each rank alone.
@@ -56,15 +68,18 @@ def load_recipe(path: str | Path, overrides: dict | None = None):
         raise ValueError(f"{path}: unknown keys in the hf_ista block: {sorted(unknown)}; accepted: ['baselines']")
     parser = HfArgumentParser((RecipeArguments, TrainingArguments))
     recipe, training_args = parser.parse_dict(raw, allow_extra_keys=False)
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if optim in OPTIMIZERS:  # fail now, with our message, not at the first step
+        parse_optim_args(optim, training_args.optim_args)
     return recipe, training_args, block
 
 
-def build_model(recipe: RecipeArguments):
+def build_model(recipe: RecipeArguments, seed: int = 0):
     if recipe.init_from:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(recipe.init_from)
-    return tiny_llama(recipe.model_size, max_position_embeddings=recipe.block_size)
+    return tiny_llama(recipe.model_size, seed=seed, max_position_embeddings=recipe.block_size)
 
 
 def run(recipe: RecipeArguments, training_args) -> dict:
@@ -74,7 +89,7 @@ def run(recipe: RecipeArguments, training_args) -> dict:
     set_seed(training_args.seed)
     data = load_corpus(recipe.corpus, recipe.block_size, recipe.max_bytes, recipe.eval_fraction,
                        seed=training_args.seed)
-    model = build_model(recipe)
+    model = build_model(recipe, training_args.seed)
     trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["eval"])
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -156,10 +171,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     recipe_path = argv[0]
     recipe, training_args, block = load_recipe(recipe_path)
     results = [run(recipe, training_args)]
-    for overrides in block.get("baselines", []):
-        optim = overrides.get("optim", "baseline")
-        out = str(Path(training_args.output_dir) / f"baseline-{optim}")
-        _, baseline_args, _ = load_recipe(recipe_path, {**overrides, "output_dir": out, "hf_ista": None})
+    baselines = block.get("baselines", [])
+    names = [f"baseline-{b.get('optim', 'baseline')}" for b in baselines]
+    for i, overrides in enumerate(baselines):
+        name = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{i}"  # a sweep of one optim
+        out = str(Path(training_args.output_dir) / name)
+        # A baseline starts fresh unless it says otherwise: the main run's checkpoint is not its own.
+        fresh = {"resume_from_checkpoint": None, "output_dir": out, "hf_ista": None}
+        _, baseline_args, _ = load_recipe(recipe_path, {**fresh, **overrides, "output_dir": out})
         results.append(run(recipe, baseline_args))
 
     if results[0]["is_main"]:

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -48,3 +49,20 @@ def test_recipe_errors_name_the_key(tmp_path):
     recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path), "model_sise": "nano"}))
     with pytest.raises(ValueError, match="model_sise"):
         train.load_recipe(recipe)
+
+
+def test_recipe_numbers_and_checks(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    text = yaml.safe_dump({**SHORT, "output_dir": str(tmp_path)}).replace("learning_rate: 0.01", "learning_rate: 3e-4")
+    recipe.write_text(text)
+    _, args, _ = train.load_recipe(recipe)
+    assert args.learning_rate == 3e-4  # YAML 1.1 alone would give the string '3e-4'
+    recipe.write_text(text.replace("m=4,density=0.05", "m=4,density=2"))
+    with pytest.raises(ValueError, match="density='2' is out of range"):
+        train.load_recipe(recipe)
+
+
+def test_recipe_seed_sets_the_initial_weights():
+    recipe = train.RecipeArguments(model_size="nano", block_size=64)
+    w0, w0_again, w1 = (next(train.build_model(recipe, s).parameters()) for s in (0, 0, 1))
+    assert torch.equal(w0, w0_again) and not torch.equal(w0, w1)
