@@ -26,7 +26,7 @@ import yaml
 
 import hf_ista
 from hf_ista.data import MODEL_SIZES, load_corpus, tiny_llama
-from hf_ista.integrations.transformers import OPTIMIZERS, parse_optim_args
+from hf_ista.integrations.transformers import OPTIMIZERS, optimizer_kwargs, parse_optim_args
 from hf_ista.model_card import write_model_card
 
 
@@ -47,9 +47,7 @@ class _RecipeLoader(yaml.SafeLoader):
 
 
 _RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
 
 
@@ -120,14 +118,12 @@ def run(recipe: RecipeArguments, training_args) -> dict:
 def resolved_hyperparameters(optim: str, training_args) -> dict:
     """Every hyperparameter the optimizer ran with: defaults overridden by ``optim_args``."""
     if optim not in OPTIMIZERS:
-        return {"betas": (training_args.adam_beta1, training_args.adam_beta2), "eps": training_args.adam_epsilon}
-    spec = OPTIMIZERS[optim]
-    values = {k: h.default for k, h in spec.hypers.items() if h.default is not None}
-    if spec.adam_like:
-        values.update(betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
-    values.update(parse_optim_args(optim, training_args.optim_args))
-    values["weight_decay"] = training_args.weight_decay
-    return values
+        values = {"betas": (training_args.adam_beta1, training_args.adam_beta2), "eps": training_args.adam_epsilon}
+    else:
+        values = {k: h.default for k, h in OPTIMIZERS[optim].hypers.items() if h.default is not None}
+        values.update(optimizer_kwargs(optim, training_args))
+        del values["lr"]  # reported on its own
+    return {**values, "weight_decay": training_args.weight_decay}
 
 
 def format_table(results: list[dict]) -> str:
