@@ -62,6 +62,7 @@ class OptimizerSpec:
     cls_path: str  # "module:Class"
     hypers: dict[str, Hyper] = field(default_factory=dict)
     adam_like: bool = True  # takes betas / eps from TrainingArguments' adam_* fields
+    low_rank: bool = False  # ``optim_target_modules`` get a group with ``rank``, the rest AdamW
 
     def load_cls(self):
         module, name = self.cls_path.split(":")
@@ -70,6 +71,7 @@ class OptimizerSpec:
 
 _BETAS = Hyper(tuple, None, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two floats in [0, 1) as b1:b2")
 _EPS = Hyper(float, None, lambda v: v >= 0, "a float >= 0")
+_RANK = Hyper(int, 16, lambda v: v >= 1, "an integer >= 1")
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "microadam": OptimizerSpec(
@@ -82,6 +84,29 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "betas": _BETAS,
             "eps": _EPS,
         },
+    ),
+    "ldadam": OptimizerSpec(
+        "hf_ista.optim.ldadam:LDAdam",
+        {
+            "rank": _RANK,
+            "rho": Hyper(float, 0.908, lambda v: 0 <= v < 1, "a float in [0, 1)"),
+            "betas": _BETAS,
+            "eps": _EPS,
+        },
+        low_rank=True,
+    ),
+    "dct_adamw": OptimizerSpec(
+        "hf_ista.optim.dct_adamw:DCTAdamW",
+        {
+            "rank": _RANK,
+            "update_proj_gap": Hyper(int, 1, lambda v: v >= 1, "an integer >= 1"),
+            "error_feedback": Hyper(str, "none", choices=("none", "fp32", "8bit", "4bit")),
+            "rotate_moments": Hyper(bool, False, expected="true or false"),
+            "fft": Hyper(str, "auto", choices=("auto", "on", "off")),
+            "betas": _BETAS,
+            "eps": _EPS,
+        },
+        low_rank=True,
     ),
 }
 
@@ -111,7 +136,45 @@ def optimizer_kwargs(name: str, args) -> dict[str, Any]:
     if spec.adam_like:
         kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     kwargs.update(parse_optim_args(name, args.optim_args))
+    if spec.low_rank:
+        kwargs.setdefault("rank", spec.hypers["rank"].default)
     return kwargs
+
+
+def low_rank_param_groups(model, target_modules, rank: int, weight_decay: float) -> list[dict]:
+    """Param groups for a low-rank optimizer, chosen as transformers chooses them for GaLore.
+
+    The weights of the ``nn.Linear`` modules that ``target_modules`` names (names, a regex, or
+    ``"all-linear"``, with transformers' own matching) form a group with ``rank``; every other
+    trainable parameter is AdamW (``rank=None``). Weight decay follows the Trainer's rule (none on
+    biases and norms), which transformers' GaLore path drops.
+    """
+    from torch import nn
+    from transformers.trainer import Trainer
+    from transformers.trainer_optimizer import check_target_module_exists
+
+    if not isinstance(target_modules, (str, list)):
+        raise TypeError(f"optim_target_modules must be a list of module names, a regex string or "
+                        f"'all-linear', got {target_modules!r}")
+    all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
+    targets = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (all_linear or check_target_module_exists(target_modules, name))
+    }
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not targets & {n for n, _ in named}:
+        raise ValueError(f"optim_target_modules={target_modules!r} matches no trainable nn.Linear weight of "
+                         f"the model; use module names, a regex or 'all-linear'")
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    groups = [
+        {"params": [p for n, p in named if n in targets], "rank": rank, "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in targets and n in decay], "rank": None,
+         "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in targets and n not in decay], "rank": None,
+         "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def _check_version(installed: str | None = None) -> Version:
@@ -146,7 +209,14 @@ def _extend_enum(enum_cls, value: str) -> None:
 def _handler(ctx):
     """The Trainer's handler for every name in ``OPTIMIZERS``."""
     name = ctx.args.optim.value if hasattr(ctx.args.optim, "value") else str(ctx.args.optim)
-    return OPTIMIZERS[name].load_cls(), optimizer_kwargs(name, ctx.args)
+    spec, kwargs = OPTIMIZERS[name], optimizer_kwargs(name, ctx.args)
+    if spec.low_rank:
+        if ctx.model is None:
+            raise ValueError(f"optim={name!r} needs the model to choose its low-rank weights")
+        # Without optim_target_modules every linear layer is low-rank (GaLore would refuse).
+        targets = ctx.args.optim_target_modules or "all-linear"
+        kwargs["params"] = low_rank_param_groups(ctx.model, targets, kwargs["rank"], ctx.args.weight_decay)
+    return spec.load_cls(), kwargs
 
 
 def register() -> None:

@@ -27,10 +27,11 @@ def check_adam_args(lr, betas, eps, weight_decay) -> None:
 
 
 class IstaOptimizer(torch.optim.Optimizer):
-    """Base class. Subclasses set ``state_keys`` (the keys of an initialised per-parameter state),
+    """Base class. Subclasses set ``state_keys`` (the keys of an initialised per-parameter state, or
+    a tuple of the key sets it may have),
     implement ``_check_group`` and ``_update(param, group)``, and get the rest from here."""
 
-    state_keys: frozenset[str] = frozenset()
+    state_keys: frozenset[str] | tuple[frozenset[str], ...] = frozenset()
 
     def __init__(self, params, defaults: dict):
         self._hyper_keys = frozenset(defaults)  # torch and wrappers may add keys to self.defaults
@@ -94,11 +95,12 @@ class IstaOptimizer(torch.optim.Optimizer):
         saved tensors with their own dtype on the parameter's device.
         """
         saved = state_dict["state"]
+        allowed = self.state_keys if isinstance(self.state_keys, tuple) else (self.state_keys,)
         for param_id, param_state in saved.items():
-            if param_state and self.state_keys and set(param_state) != set(self.state_keys):
+            if param_state and any(allowed) and frozenset(param_state) not in allowed:
                 raise ValueError(
                     f"this checkpoint was not written by {type(self).__name__}: parameter {param_id} "
-                    f"has state keys {sorted(param_state)}, expected {sorted(self.state_keys)}"
+                    f"has state keys {sorted(param_state)}, expected one of {[sorted(k) for k in allowed]}"
                 )
         missing = {k for k in self._hyper_keys if any(k not in g for g in state_dict["param_groups"])}
         if missing:

@@ -1,0 +1,91 @@
+"""What the low-rank optimizers (LDAdam, DCT-AdamW, later LoRDO) share.
+
+A parameter is *low-rank* when its group sets ``rank``, it is a matrix and both sides are below
+``FULL_RANK_SIDE`` (embeddings and LM heads stay full, as transformers does for GaLore). Every other
+parameter gets plain AdamW inside the same optimizer.
+
+A low-rank parameter is handled in its *oriented* view ``A`` of shape ``[n, N]``, ``n <= N`` (the
+matrix itself, or its transpose when it has more rows than columns), so the subspace is always
+spanned by ``r`` orthonormal columns ``B`` (``n x r``), the projected gradient is ``B^T A``
+(``r x N``) and the Adam moments live in that ``r x N`` space: LDAdam's left projection when
+rows <= cols and right projection otherwise are this one case.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import lowrank as K
+from ._base import IstaOptimizer, check_arg
+
+FULL_RANK_SIDE = 32_000  # a matrix with a side this long gets AdamW
+ADAMW_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
+
+
+def oriented(x: torch.Tensor) -> torch.Tensor:
+    """The view of a matrix with its shorter side first."""
+    return x if x.shape[0] <= x.shape[1] else x.T
+
+
+class LowRankAdam(IstaOptimizer):
+    """Base class: AdamW for full-rank parameters, the subspace Adam step and the parameter update
+    for low-rank ones. Subclasses implement ``_low_rank_update(p, group)``."""
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        rank = group.get("rank")
+        check_arg("rank", rank, rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1),
+                  "None (plain AdamW for the group) or an integer >= 1")
+        for p in group["params"]:
+            check_arg("params", f"tensor of dtype {p.dtype}", p.is_floating_point(), "floating-point tensors")
+
+    @staticmethod
+    def is_low_rank(p: torch.Tensor, group: dict) -> bool:
+        return group.get("rank") is not None and p.ndim == 2 and max(p.shape) < FULL_RANK_SIDE
+
+    @staticmethod
+    def group_rank(p: torch.Tensor, group: dict) -> int:
+        """The rank used for ``p``: the group's, at most the shorter side."""
+        return min(group["rank"], min(p.shape))
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        if self.is_low_rank(p, group):
+            self._low_rank_update(p, group)
+        else:
+            self._adamw_update(p, group)
+
+    def _low_rank_update(self, p: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    def _adam_direction(self, state: dict, grad: torch.Tensor, group: dict) -> torch.Tensor:
+        """Advance ``state``'s moments with ``grad`` (fp32, their shape) at ``state["step"]`` and
+        return the Adam direction ``m̂ / (sqrt(v̂) + eps)``."""
+        beta1, beta2 = group["betas"]
+        t = state["step"]
+        direction = torch.empty_like(grad)
+        K.subspace_adam(grad, state["exp_avg"], state["exp_avg_sq"], direction, beta1, beta2,
+                        1 - beta1 ** t, 1 - beta2 ** t, group["eps"])
+        return direction
+
+    def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        state["step"] += 1
+        direction = self._adam_direction(state, p.grad.float().contiguous(), group)
+        lr = group["lr"]
+        if p.dtype == torch.float32:
+            p.mul_(1 - lr * group["weight_decay"]).add_(direction, alpha=-lr)
+        else:
+            p.copy_(p.float().mul_(1 - lr * group["weight_decay"]).add_(direction, alpha=-lr))
+
+    @staticmethod
+    def _apply_low_rank(p: torch.Tensor, group: dict, basis: torch.Tensor, direction: torch.Tensor) -> None:
+        """``p <- p (1 - lr wd) - lr basis @ direction`` in ``p``'s oriented view (fp32 math)."""
+        lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
+        view = oriented(p)
+        if p.dtype == torch.float32:
+            view.addmm_(basis, direction, beta=decay, alpha=-lr)
+        else:
+            view.copy_(torch.addmm(view.float(), basis, direction, beta=decay, alpha=-lr))
