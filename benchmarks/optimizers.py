@@ -59,7 +59,13 @@ OPTIMIZERS: dict[str, tuple[str | None, str]] = {
     "adamw_torch_4bit": (None, "torchao"),
     "adamw_torch_8bit": (None, "torchao"),
     "microadam": ("m=10,density=0.01", "hf_ista"),
+    "ldadam": ("rank=16,rho=0.908", "hf_ista"),
+    "dct_adamw": ("rank=16", "hf_ista"),
+    "galore_adamw": ("rank=16,update_proj_gap=200,scale=0.25", "galore_torch"),
 }
+# Low-rank optimizers treat these modules' weights in low rank (GaLore requires the argument).
+LOW_RANK = {"ldadam", "dct_adamw", "galore_adamw"}
+TARGET_MODULES = "all-linear"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -216,6 +222,8 @@ def unavailable(name: str) -> str | None:
         return "needs CUDA (torch.cuda.is_available() is False)"
     if need in ("bitsandbytes", "torchao") and package_version(need) is None:
         return f"{need} is not installed"
+    if need == "galore_torch" and package_version("galore-torch") is None:
+        return "galore-torch is not installed (pip install galore-torch)"
     return None
 
 
@@ -237,6 +245,7 @@ def run_one(name: str, args, data, workdir: Path) -> dict:
             output_dir=str(workdir / name),
             optim=name,
             optim_args=optim_args,
+            optim_target_modules=TARGET_MODULES if name in LOW_RANK else None,
             learning_rate=lr,
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,

@@ -9,6 +9,8 @@ def _optimizers(_args) -> None:
 
     for name, spec in OPTIMIZERS.items():
         print(f"{name}  ({spec.cls_path.replace(':', '.')})")
+        if spec.low_rank:
+            print(f"    {'(weights)':<18} {'optim_target_modules: names, regex or all-linear':<40} default 'all-linear'")
         for key, hyper in spec.hypers.items():
             default = "from TrainingArguments" if hyper.default is None else repr(hyper.default)
             print(f"    {key:<18} {hyper.describe():<40} default {default}")

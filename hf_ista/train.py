@@ -123,6 +123,8 @@ def resolved_hyperparameters(optim: str, training_args) -> dict:
         values = {k: h.default for k, h in OPTIMIZERS[optim].hypers.items() if h.default is not None}
         values.update(optimizer_kwargs(optim, training_args))
         del values["lr"]  # reported on its own
+        if OPTIMIZERS[optim].low_rank:
+            values["optim_target_modules"] = training_args.optim_target_modules or "all-linear"
     return {**values, "weight_decay": training_args.weight_decay}
 
 

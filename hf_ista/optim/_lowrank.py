@@ -1,8 +1,9 @@
 """What the low-rank optimizers (LDAdam, DCT-AdamW, later LoRDO) share.
 
 A parameter is *low-rank* when its group sets ``rank``, it is a matrix and both sides are below
-``FULL_RANK_SIDE`` (embeddings and LM heads stay full, as transformers does for GaLore). Every other
-parameter gets plain AdamW inside the same optimizer.
+``FULL_RANK_SIDE`` (so a vocabulary-sized embedding or LM head stays full rank even when targeted;
+a small-vocabulary ``lm_head`` that ``"all-linear"`` targets is low-rank). Every other parameter
+gets plain AdamW inside the same optimizer.
 
 A low-rank parameter is handled in its *oriented* view ``A`` of shape ``[n, N]``, ``n <= N`` (the
 matrix itself, or its transpose when it has more rows than columns), so the subspace is always
