@@ -11,16 +11,39 @@ import pytest
 pytest.importorskip("triton")
 
 
-def test_microadam_kernels_compile_for_sm90():
+@pytest.fixture(scope="module")
+def facts():
+    """One compile run for every kernel family (the script takes ~20 s)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).parent / "assets" / "compile_kernels.py"
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
         pytest.skip("this triton wheel ships no ptxas")
     assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(facts) == 5 and all(f["cubin_bytes"] > 1000 for f in facts.values())
-    ops = {op for f in facts.values() for op in f["ops"]}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _exact(family: dict) -> None:
+    assert all(f["cubin_bytes"] > 1000 for f in family.values())
+    ops = {op for f in family.values() for op in f["ops"]}
     assert not any(op.startswith(("fma", "atom")) or ".approx" in op for op in ops), ops
-    assert "div.rn.f32" in facts["_dequant_add_kernel"]["ops"]
-    assert {"div.rn.f32", "sqrt.rn.f32"} <= set(facts["_window_update_kernel"]["ops"])
+
+
+def test_microadam_kernels_compile_for_sm90(facts):
+    family = facts["microadam"]
+    assert len(family) == 5
+    assert set(family) == set(facts["defined"]["microadam"])
+    _exact(family)
+    assert "div.rn.f32" in family["_dequant_add_kernel"]["ops"]
+    assert {"div.rn.f32", "sqrt.rn.f32"} <= set(family["_window_update_kernel"]["ops"])
+
+
+def test_lowrank_kernels_compile_for_sm90(facts):
+    family = facts["lowrank"]
+    # every Triton kernel of the module is compiled (the quantiser and its inverse for both widths)
+    assert {key.split("[")[0] for key in family} == set(facts["defined"]["lowrank"])
+    assert len(family) == 6
+    _exact(family)
+    assert {"div.rn.f32", "sqrt.rn.f32"} <= set(family["_subspace_adam_kernel"]["ops"])
+    for bits in ("8bit", "4bit"):
+        assert "div.rn.f32" in family[f"_quantize_kernel[{bits}]"]["ops"]

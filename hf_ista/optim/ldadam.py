@@ -16,7 +16,7 @@ gradient ``g``, error ``e``, basis ``P`` (``n x r``, orthonormal), moments ``m, 
 7. Adam in the subspace on ``ĝ``; ``p <- p (1 - lr wd) - lr P_t (m̂ / (sqrt(v̂) + eps))``
 
 Steps 4-6 are skipped at ``t = 1`` (the moments are still zero). The error ``e`` is optimizer
-state (in the parameter's dtype), not ``p.grad``: ``model.zero_grad()`` and gradient accumulation
+state (in the parameter's dtype; fp32 for fp16 parameters, whose range it can exceed), not ``p.grad``: ``model.zero_grad()`` and gradient accumulation
 cannot touch it. Basis and moments are fp32.
 """
 from __future__ import annotations
@@ -59,7 +59,9 @@ class LDAdam(LowRankAdam):
         state["basis"] = torch.zeros(n, r, dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros(r, N, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(r, N, dtype=torch.float32, device=p.device)
-        state["error"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        # bf16 and fp32 have the range the error needs; fp16 (max 65504) does not: it gets fp32.
+        dtype = p.dtype if p.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        state["error"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         return state
 
     def _low_rank_update(self, p: torch.Tensor, group: dict) -> None:
