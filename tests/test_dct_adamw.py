@@ -376,7 +376,8 @@ def test_update_proj_gap_keeps_indices_between_refreshes():
     (the authors' schedule); in between, the projection is Q[:, idx]^T g on the old vectors."""
     n, N, r, b1 = 12, 20, 3, 0.9
     p = torch.nn.Parameter(torch.zeros(n, N))
-    opt = DCTAdamW([dict(params=[p], rank=r)], betas=(b1, 0.999), update_proj_gap=3)
+    opt = DCTAdamW([dict(params=[p], rank=r)], betas=(b1, 0.999), update_proj_gap=3, error_feedback="none",
+                   rotate_moments=False)
 
     def comps(t):  # a different dominant set at every step
         return sorted({t % 12, (t + 4) % 12, (t + 8) % 12})

@@ -329,8 +329,8 @@ def _expected_state_bytes(model, optim, rank, error_feedback="none"):
 
 @pytest.mark.parametrize("optim, optim_args", [
     ("ldadam", "rank=4"),
-    ("dct_adamw", "rank=4"),
-    ("dct_adamw", "rank=4,error_feedback=4bit"),
+    ("dct_adamw", "rank=4"),  # the default error feedback: 4bit
+    ("dct_adamw", "rank=4,error_feedback=none"),
     ("dct_adamw", "rank=4,error_feedback=8bit"),
     ("dct_adamw", "rank=4,error_feedback=fp32"),
 ])
@@ -339,7 +339,7 @@ def test_state_bytes_exact(tmp_path, corpus, optim, optim_args):
     model = tiny_llama("nano")
     trainer = Trainer(model=model, args=args, train_dataset=corpus["train"])
     trainer.train()
-    error_feedback = dict(kv.split("=") for kv in optim_args.split(",")).get("error_feedback", "none")
+    error_feedback = dict(kv.split("=") for kv in optim_args.split(",")).get("error_feedback", "4bit")
     total, low_rank_total, low_rank_params = _expected_state_bytes(model, optim, 4, error_feedback)
     assert hf_ista.state_bytes(trainer.optimizer) == total  # through accelerate's wrapper
     assert hf_ista.state_bytes(trainer.optimizer.optimizer) == total

@@ -100,8 +100,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         {
             "rank": _RANK,
             "update_proj_gap": Hyper(int, 1, lambda v: v >= 1, "an integer >= 1"),
-            "error_feedback": Hyper(str, "none", choices=("none", "fp32", "8bit", "4bit")),
-            "rotate_moments": Hyper(bool, False, expected="true or false"),
+            "error_feedback": Hyper(str, "4bit", choices=("none", "fp32", "8bit", "4bit")),
+            "rotate_moments": Hyper(bool, True, expected="true or false"),
             "fft": Hyper(str, "auto", choices=("auto", "on", "off")),
             "betas": _BETAS,
             "eps": _EPS,
