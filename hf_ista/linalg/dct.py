@@ -13,13 +13,18 @@ import math
 import torch
 
 
+def dct_columns(n: int, index: torch.Tensor) -> torch.Tensor:
+    """``dct_matrix(n)[:, index]`` from the closed form (``n x len(index)``, fp32, on ``index``'s
+    device), without building the ``n x n`` matrix; computed in fp64, so the values are the same."""
+    j = torch.arange(n, dtype=torch.float64, device=index.device)
+    k = index.to(torch.float64)
+    scale = torch.where(k == 0, math.sqrt(1 / n), math.sqrt(2 / n))
+    return (torch.cos(math.pi * (2 * j[:, None] + 1) * k[None, :] / (2 * n)) * scale).float()
+
+
 @functools.lru_cache(maxsize=None)
 def _dct_matrix(n: int, device: torch.device) -> torch.Tensor:
-    j = torch.arange(n, dtype=torch.float64)
-    k = torch.arange(n, dtype=torch.float64)
-    q = torch.cos(math.pi * (2 * j[:, None] + 1) * k[None, :] / (2 * n)) * math.sqrt(2 / n)
-    q[:, 0] *= math.sqrt(0.5)
-    return q.to(device=device, dtype=torch.float32)
+    return dct_columns(n, torch.arange(n, device=device))
 
 
 def dct_matrix(n: int, device: torch.device | str = "cpu") -> torch.Tensor:

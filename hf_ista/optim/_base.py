@@ -2,6 +2,7 @@
 ``load_state_dict`` and :func:`state_bytes`."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable
 
@@ -62,10 +63,16 @@ class IstaOptimizer(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise ValueError(f"{type(self).__name__} does not support sparse gradients (parameter of "
                                  f"shape {tuple(p.shape)}); use a dense embedding (sparse=False)")
-        for (param, group), finite in zip(work, self._finite(p for p, _ in work)):
-            if finite:
-                self._update(param, group)
+        with _no_autocast():  # a step inside autocast must not run its matmuls in bf16
+            for (param, group), finite in zip(work, self._finite(p for p, _ in work)):
+                if finite:
+                    self._update(param, group)
         return loss
+
+    def _state_shapes(self, p: torch.Tensor, group: dict, keys) -> dict:
+        """The shape (or set of shapes) each state tensor of ``p`` must have under ``group``, for the
+        checks of ``load_state_dict``; keys left out are not checked."""
+        return {}
 
     def _finite(self, params: Iterable[torch.Tensor]) -> list[bool]:
         """Which gradients are all finite. One host sync per step for all parameters: skipping a
@@ -85,6 +92,27 @@ class IstaOptimizer(torch.optim.Optimizer):
                 RuntimeWarning, stacklevel=3,
             )
         return flags
+
+    def _check_shapes(self, state_dict: dict) -> None:
+        """Refuse a checkpoint whose states would land on parameters of another shape (the
+        parameters or their order changed since it was saved): torch only checks group sizes."""
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            settings = {**group, **{k: v for k, v in saved_group.items() if k != "params"}}
+            for param_id, p in zip(saved_group["params"], group["params"]):
+                param_state = saved.get(param_id) or {}
+                if not param_state:
+                    continue
+                for key, shape in self._state_shapes(p, settings, frozenset(param_state)).items():
+                    value = param_state.get(key)
+                    allowed = shape if isinstance(shape, set) else {shape}
+                    if torch.is_tensor(value) and tuple(value.shape) not in allowed:
+                        raise ValueError(
+                            f"this checkpoint does not fit {type(self).__name__}'s parameters: the state "
+                            f"{key!r} of parameter {param_id} has shape {tuple(value.shape)}, expected "
+                            f"{' or '.join(map(str, sorted(allowed)))} for a parameter of shape {tuple(p.shape)}; "
+                            f"were the parameters, their order or optim_target_modules changed?"
+                        )
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict and keep every saved state tensor's dtype.
@@ -108,6 +136,7 @@ class IstaOptimizer(torch.optim.Optimizer):
                 f"this checkpoint was not written by {type(self).__name__}: its param_groups lack "
                 f"{sorted(missing)}"
             )
+        self._check_shapes(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
@@ -115,6 +144,14 @@ class IstaOptimizer(torch.optim.Optimizer):
             for key, value in saved.get(param_id, {}).items():
                 if torch.is_tensor(value):
                     self.state[param][key] = value.to(device=param.device)
+
+
+def _no_autocast() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
 
 
 def _collect(t: torch.Tensor, spans: dict) -> None:

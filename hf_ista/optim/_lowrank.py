@@ -1,9 +1,14 @@
 """What the low-rank optimizers (LDAdam, DCT-AdamW, later LoRDO) share.
 
-A parameter is *low-rank* when its group sets ``rank``, it is a matrix and both sides are below
-``FULL_RANK_SIDE`` (so a vocabulary-sized embedding or LM head stays full rank even when targeted;
-a small-vocabulary ``lm_head`` that ``"all-linear"`` targets is low-rank). Every other parameter
-gets plain AdamW inside the same optimizer.
+A parameter is *low-rank* when its group sets ``rank``, it is a matrix, ``rank`` is below its
+shorter side (a "low-rank" step at full rank would cost more than AdamW and add nothing: a LoRA
+adapter under ``"all-linear"``, say) and both sides are below ``FULL_RANK_SIDE`` (so a
+vocabulary-sized embedding or LM head stays full rank even when targeted; a small-vocabulary
+``lm_head`` that ``"all-linear"`` targets is low-rank). Every other parameter gets plain AdamW
+inside the same optimizer.
+
+The math runs in fp32 with autocast off (``IstaOptimizer.step``); with ``allow_tf32`` on (e.g.
+``TrainingArguments(tf32=True)``) the projection matmuls on CUDA run in TF32, as every matmul does.
 
 A low-rank parameter is handled in its *oriented* view ``A`` of shape ``[n, N]``, ``n <= N`` (the
 matrix itself, or its transpose when it has more rows than columns), so the subspace is always
@@ -37,16 +42,25 @@ class LowRankAdam(IstaOptimizer):
         check_arg("rank", rank, rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1),
                   "None (plain AdamW for the group) or an integer >= 1")
         for p in group["params"]:
-            check_arg("params", f"tensor of dtype {p.dtype}", p.is_floating_point(), "floating-point tensors")
+            # The math runs in fp32: a float64 parameter would silently lose its precision.
+            check_arg("params", f"tensor of dtype {p.dtype}", p.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                      "float32, bfloat16 or float16 tensors")
 
     @staticmethod
     def is_low_rank(p: torch.Tensor, group: dict) -> bool:
-        return group.get("rank") is not None and p.ndim == 2 and max(p.shape) < FULL_RANK_SIDE
+        rank = group.get("rank")
+        return rank is not None and p.ndim == 2 and rank < min(p.shape) and max(p.shape) < FULL_RANK_SIDE
 
-    @staticmethod
-    def group_rank(p: torch.Tensor, group: dict) -> int:
-        """The rank used for ``p``: the group's, at most the shorter side."""
-        return min(group["rank"], min(p.shape))
+    def _state_shapes(self, p: torch.Tensor, group: dict, keys) -> dict:
+        """The shape each state tensor of ``p`` must have under ``group`` (used to check a loaded
+        checkpoint: a state that lands on another parameter must not be accepted)."""
+        if not self.is_low_rank(p, group):
+            return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+        r, N = group["rank"], max(p.shape)
+        return {"exp_avg": (r, N), "exp_avg_sq": (r, N), **self._low_rank_shapes(p, group, keys)}
+
+    def _low_rank_shapes(self, p: torch.Tensor, group: dict, keys) -> dict:
+        return {}
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         if self.is_low_rank(p, group):

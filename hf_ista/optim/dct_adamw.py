@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import lowrank as K
-from ..linalg import dct, dct_matrix
+from ..linalg import dct, dct_columns, dct_matrix
 from ._base import check_arg
 from ._lowrank import ADAMW_KEYS, LowRankAdam, oriented
 
@@ -27,7 +27,7 @@ ERROR_FEEDBACK = ("none", "fp32", "8bit", "4bit")
 FFT_CHOICES = ("auto", "on", "off")
 # ``fft="auto"`` takes Makhoul's route from this basis size on. CPU: measured with
 # benchmarks/lowrank.py (1 thread, FFT faster from n = 2048). CUDA: not measured yet, same value.
-FFT_MIN_SIZE = {"cpu": 2048, "cuda": 2048}
+FFT_MIN_SIZE = {"cpu": 2048, "cuda": 2048}  # one entry per device type, to be measured apart
 QUANT_BLOCK = 64  # elements per (low, step) pair of the quantised error
 
 _ERROR_KEYS = {
@@ -77,7 +77,7 @@ class DCTAdamW(LowRankAdam):
 
     def _init_low_rank(self, p: torch.Tensor, group: dict) -> dict:
         n, N = oriented(p).shape
-        r = self.group_rank(p, group)
+        r = group["rank"]
         state = self.state[p]
         state["step"] = 0
         state["indices"] = torch.zeros(r, dtype=torch.int64, device=p.device)
@@ -93,6 +93,15 @@ class DCTAdamW(LowRankAdam):
             state["error_scales"] = torch.zeros(K.n_blocks(n * N, QUANT_BLOCK), 2, dtype=torch.float32,
                                                 device=p.device)
         return state
+
+    def _low_rank_shapes(self, p: torch.Tensor, group: dict, keys) -> dict:
+        n, N = min(p.shape), max(p.shape)
+        shapes = {"indices": (group["rank"],), "error": (n, N)}
+        if "error_codes" in keys:  # 8 or 4 bits: the codes' size says which
+            blocks = K.n_blocks(n * N, QUANT_BLOCK)
+            shapes["error_scales"] = (blocks, 2)
+            shapes["error_codes"] = {(K.code_bytes(n * N, 8, QUANT_BLOCK),), (K.code_bytes(n * N, 4, QUANT_BLOCK),)}
+        return shapes
 
     @staticmethod
     def _bits(state: dict) -> int:
@@ -120,18 +129,18 @@ class DCTAdamW(LowRankAdam):
         elif "error_codes" in state:
             K.dequantize_add(a, state["error_codes"], state["error_scales"], self._bits(state), QUANT_BLOCK, out=a)
 
-        basis_all = dct_matrix(a.shape[0], a.device)
+        n = a.shape[0]
         if t == 1 or t % group["update_proj_gap"] == 0:
             coefficients = self._transform(a, group)
-            scores = K.row_abs_sum(coefficients, torch.empty(a.shape[0], dtype=torch.float32, device=a.device))
+            scores = K.row_abs_sum(coefficients, torch.empty(n, dtype=torch.float32, device=a.device))
             chosen = scores.topk(indices.numel(), sorted=False).indices.sort().values
             if group["rotate_moments"] and t > 1:
-                self._follow_basis(m, v, indices, chosen, a.shape[0])
+                self._follow_basis(m, v, indices, chosen, n)
             indices.copy_(chosen)
             projected = coefficients.index_select(0, indices)
-            basis = basis_all.index_select(1, indices)
+            basis = dct_columns(n, indices)  # n x r: the FFT route never builds the n x n matrix
         else:
-            basis = basis_all.index_select(1, indices)
+            basis = dct_columns(n, indices)
             projected = basis.T @ a
 
         if "error" in state:

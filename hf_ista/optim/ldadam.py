@@ -51,9 +51,12 @@ class LDAdam(LowRankAdam):
         rho = group["rho"]
         check_arg("rho", rho, isinstance(rho, (int, float)) and 0 <= rho < 1, "a number in [0, 1)")
 
+    def _low_rank_shapes(self, p: torch.Tensor, group: dict, keys) -> dict:
+        return {"basis": (min(p.shape), group["rank"]), "error": tuple(p.shape)}
+
     def _init_low_rank(self, p: torch.Tensor, group: dict) -> dict:
         n, N = oriented(p).shape
-        r = self.group_rank(p, group)
+        r = group["rank"]
         state = self.state[p]
         state["step"] = 0
         state["basis"] = torch.zeros(n, r, dtype=torch.float32, device=p.device)
