@@ -1,0 +1,39 @@
+"""Every shipped recipe parses, and each method's quickstart runs (shrunk to a few nano steps)."""
+from pathlib import Path
+
+import pytest
+
+from hf_ista import train
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+SHRINK = {"model_size": "nano", "corpus": "json", "block_size": 64, "max_bytes": 40_000, "max_steps": 4,
+          "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16, "eval_steps": 2,
+          "logging_steps": 1, "disable_tqdm": True}
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_the_method_recipes_exist():
+    names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
+    assert {"quickstart.yaml", "ldadam/quickstart.yaml", "dct_adamw/quickstart.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
+def test_recipe_parses_with_checked_optim_args(path):
+    recipe, args, block = train.load_recipe(path)
+    assert recipe.model_size in ("nano", "tiny", "small") and args.max_steps > 0
+    for baseline in block.get("baselines", []):
+        train.load_recipe(path, {**baseline, "hf_ista": None})
+
+
+@pytest.mark.parametrize("method", ["ldadam", "dct_adamw"])
+def test_method_quickstart_trains(method, tmp_path):
+    recipe, args, _ = train.load_recipe(ROOT / "recipes" / method / "quickstart.yaml",
+                                        {**SHRINK, "output_dir": str(tmp_path)})
+    result = train.run(recipe, args)
+    assert result["optim"] == method and result["steps"] == 4
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # lr and the low-rank step move the loss down
+    assert result["hyperparameters"]["rank"] == 16
+    assert result["hyperparameters"]["optim_target_modules"] == "all-linear"
