@@ -1,22 +1,33 @@
-"""Convergence of MicroAdam against AdamW through the plain transformers ``Trainer``.
+"""Convergence of MicroAdam, the low-rank optimizers and GaLore against AdamW through the plain ``Trainer``.
 
 Two regimes, each optimizer at its best learning rate from a small sweep, equal steps, one seed:
 
 (a) fine-tuning: a tiny Llama is trained with AdamW on one part of the embedded corpus
     (``--pretrain-source``, default the top-level standard-library modules), saved with
     ``save_pretrained``, then fine-tuned from that checkpoint on a different part
-    (``--finetune-source``, default the ``email`` package) with ``adamw_torch`` and with
-    ``microadam`` (``--microadam-args``, default ``m=10,density=0.01``). Reported: every swept lr's
-    eval loss on the fine-tuning eval split, each optimizer's best, the pretrained model's eval
-    loss on that split, and MicroAdam's relative gap ``(best_micro - best_adamw) / best_adamw``.
+    (``--finetune-source``, default the ``email`` package) with every optimizer of ``--optimizers``.
+    Reported: every swept lr's eval loss on the fine-tuning eval split, each optimizer's best, the
+    pretrained model's eval loss on that split, each optimizer's relative gap
+    ``(best - best_adamw) / best_adamw`` and the share of AdamW's improvement over the pretrained
+    model it recovers.
 (b) from scratch: the quickstart setup (``recipes/quickstart.yaml``: tiny model, stdlib corpus,
-    block 128, cosine schedule) for fewer steps, both optimizers swept the same way; the gap is
+    block 128, cosine schedule) for fewer steps, every optimizer swept the same way; the gaps are
     reported, no threshold.
+
+``--optimizers`` is a comma list of labels: a ``TrainingArguments(optim=...)`` name, optionally with a
+``/tag`` to run one optimizer with several ``optim_args`` (``ldadam,ldadam/paper-betas``).
+``adamw_torch``, the baseline, is always run. Per label (falling back to its optimizer's name):
+``--optim-args LABEL=ARGS`` (repeatable; ARGS is the ``optim_args`` string) and
+``--finetune-lrs LABEL=LR,LR,...`` / ``--scratch-lrs LABEL=LR,...`` (repeatable). The older flags
+``--microadam-args`` and ``--{finetune,scratch}-{adamw,microadam}-lrs`` still set those two. Low-rank
+optimizers (ours and transformers' ``galore_*`` / ``apollo_*``) get ``optim_target_modules="all-linear"``.
 
 Prints a table per regime and writes JSON (default ``benchmarks/results/convergence-cpu.json``).
 
     PYTHONPATH=. python benchmarks/convergence.py
     PYTHONPATH=. python benchmarks/convergence.py --regimes finetune --finetune-adamw-lrs 1e-3,3e-3
+    PYTHONPATH=. python benchmarks/convergence.py --optimizers adamw_torch,ldadam,dct_adamw,galore_adamw \\
+        --optim-args dct_adamw=rank=8 --finetune-lrs dct_adamw=3e-3,1e-2
 
 ``--threads`` defaults to 1: on a 2-core machine shared with other processes, two intra-op
 threads per process oversubscribe the cores and were measured up to 6x slower per step.
@@ -42,12 +53,21 @@ import transformers
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-import hf_ista  # noqa: F401  (registers optim="microadam")
+import hf_ista  # noqa: F401  (registers optim="microadam", "ldadam", "dct_adamw")
 from hf_ista.data import MODEL_SIZES, load_corpus, tiny_llama
+from hf_ista.integrations.transformers import OPTIMIZERS, parse_optim_args
 
 ADAMW = "adamw_torch"
 MICROADAM = "microadam"
 DEFAULT_OUT = Path(__file__).parent / "results" / "convergence-cpu.json"
+# optim_args of an optimizer unless --optim-args sets them (MicroAdam's: --microadam-args)
+DEFAULT_OPTIM_ARGS = {
+    "ldadam": "rank=16,rho=0.908",
+    "dct_adamw": "rank=16",  # its defaults: 4-bit error feedback, rotated moments, update_proj_gap=1
+    "galore_adamw": "rank=16,update_proj_gap=200,scale=0.25",
+}
+# lr sweep of an optimizer without --finetune-lrs / --scratch-lrs (AdamW's and MicroAdam's have flags)
+DEFAULT_LRS = {"finetune": [1e-3, 3e-3, 1e-2, 3e-2], "scratch": [1e-3, 3e-3, 1e-2]}
 
 
 def float_list(text: str) -> list[float]:
@@ -68,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=128, help="tokens (bytes) per sequence (both regimes)")
     p.add_argument("--max-bytes", type=int, default=2_000_000, help="corpus bytes read per source")
     p.add_argument("--eval-blocks", type=int, default=256, help="eval blocks kept per split (0 = all)")
+    p.add_argument("--optimizers", default=f"{ADAMW},{MICROADAM}",
+                   help="comma list of labels: an optim name, optionally /tag for a variant (adamw_torch always runs)")
+    p.add_argument("--optim-args", action="append", default=[], metavar="LABEL=ARGS",
+                   help=f"optim_args of a label (repeatable); defaults: {DEFAULT_OPTIM_ARGS}")
     p.add_argument("--microadam-args", default="m=10,density=0.01", help="optim_args of the MicroAdam rows")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear lr warm-up share of each run")
     p.add_argument("--seed", type=int, default=0)
@@ -84,12 +108,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--finetune-adamw-lrs", type=float_list, default=[3e-4, 1e-3, 3e-3, 1e-2], help="AdamW lr sweep")
     g.add_argument("--finetune-microadam-lrs", type=float_list, default=[3e-4, 1e-3, 3e-3, 1e-2],
                    help="MicroAdam lr sweep")
+    g.add_argument("--finetune-lrs", action="append", default=[], metavar="LABEL=LR,...",
+                   help=f"lr sweep of a label (repeatable); default {DEFAULT_LRS['finetune']}")
     g = p.add_argument_group("(b) from scratch")
     g.add_argument("--scratch-source", default="stdlib")
     g.add_argument("--scratch-steps", type=int, default=150, help="quickstart uses 300")
     g.add_argument("--scratch-batch-size", type=int, default=16)
     g.add_argument("--scratch-adamw-lrs", type=float_list, default=[3e-4, 1e-3, 3e-3], help="AdamW lr sweep")
     g.add_argument("--scratch-microadam-lrs", type=float_list, default=[3e-3, 1e-2, 3e-2], help="MicroAdam lr sweep")
+    g.add_argument("--scratch-lrs", action="append", default=[], metavar="LABEL=LR,...",
+                   help=f"lr sweep of a label (repeatable); default {DEFAULT_LRS['scratch']}")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON path")
     args = p.parse_args(argv)
     args.regime_list = [r.strip() for r in args.regimes.split(",") if r.strip()]
@@ -102,7 +130,56 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "finetune_batch_size", "scratch_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        args.plan = sweep_plan(args)
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        p.error(str(err))
     return args
+
+
+def base_optim(label: str) -> str:
+    return label.split("/", 1)[0]
+
+
+def label_map(items: list[str], flag: str, parse=str) -> dict:
+    """``["LABEL=VALUE", ...]`` as a dict (VALUE parsed by ``parse``)."""
+    out = {}
+    for item in items:
+        label, sep, value = item.partition("=")
+        if not sep or not label.strip():
+            raise ValueError(f"{flag}: {item!r} is not LABEL=VALUE")
+        out[label.strip()] = parse(value)
+    return out
+
+
+def sweep_plan(args) -> dict[str, dict]:
+    """Per regime, ``[(label, optim, optim_args, lrs), ...]`` in ``--optimizers`` order, AdamW first."""
+    from transformers.training_args import OptimizerNames
+
+    labels = [x.strip() for x in args.optimizers.split(",") if x.strip()]
+    labels = [ADAMW] + [x for x in dict.fromkeys(labels) if x != ADAMW]
+    optim_args = {MICROADAM: args.microadam_args} | DEFAULT_OPTIM_ARGS | label_map(args.optim_args, "--optim-args")
+    lrs = {"finetune": {ADAMW: args.finetune_adamw_lrs, MICROADAM: args.finetune_microadam_lrs}
+           | label_map(args.finetune_lrs, "--finetune-lrs", float_list),
+           "scratch": {ADAMW: args.scratch_adamw_lrs, MICROADAM: args.scratch_microadam_lrs}
+           | label_map(args.scratch_lrs, "--scratch-lrs", float_list)}
+    known = set(labels) | {base_optim(x) for x in labels}
+    for flag, given in (("--optim-args", args.optim_args), ("--finetune-lrs", args.finetune_lrs),
+                        ("--scratch-lrs", args.scratch_lrs)):
+        unused = [x.partition("=")[0] for x in given if x.partition("=")[0].strip() not in known]
+        if unused:
+            raise ValueError(f"{flag}: {unused} not in --optimizers {labels}")
+    plan = {regime: [] for regime in lrs}
+    for label in labels:
+        optim = base_optim(label)
+        if optim not in OptimizerNames._value2member_map_:
+            raise ValueError(f"--optimizers: {optim!r} is not a TrainingArguments optim name")
+        oa = optim_args.get(label, optim_args.get(optim)) or None
+        if optim in OPTIMIZERS:
+            parse_optim_args(optim, oa)  # fail now, not after pretraining
+        for regime, table_ in lrs.items():
+            plan[regime].append((label, optim, oa, table_.get(label, table_.get(optim, DEFAULT_LRS[regime]))))
+    return plan
 
 
 # ---------------------------------------------------------------- building blocks
@@ -115,12 +192,20 @@ def corpus(source: str, block_size: int, max_bytes: int, eval_blocks: int, seed:
     return data
 
 
+def target_modules(optim: str) -> str | None:
+    """``"all-linear"`` for a low-rank optimizer (GaLore requires ``optim_target_modules``; ours
+    default to it), else ``None``."""
+    low_rank = optim in OPTIMIZERS and OPTIMIZERS[optim].low_rank
+    return "all-linear" if low_rank or optim.startswith(("galore_", "apollo_")) else None
+
+
 def training_args(workdir: Path, optim: str, optim_args: str | None, lr: float, steps: int, batch_size: int,
                   seed: int, warmup_ratio: float = 0.1) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(workdir),
         optim=optim,
         optim_args=optim_args,
+        optim_target_modules=target_modules(optim),
         learning_rate=lr,
         weight_decay=0.0,
         max_steps=steps,
@@ -198,58 +283,78 @@ def finetune(base: Path, data, workdir: Path, optim: str, optim_args: str | None
                           args.finetune_batch_size, args.seed, args.warmup_ratio)
 
 
-def best_row(rows: list[dict], optim: str) -> dict | None:
-    ok = [r for r in rows if r["optim"] == optim and r.get("eval_loss") is not None]
+def best_row(rows: list[dict], label: str) -> dict | None:
+    ok = [r for r in rows if r["label"] == label and r.get("eval_loss") is not None]
     return min(ok, key=lambda r: r["eval_loss"]) if ok else None
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Best row per optimizer and MicroAdam's relative gap to AdamW at the best lrs."""
-    best_a, best_m = best_row(rows, ADAMW), best_row(rows, MICROADAM)
-    summary = {"best": {ADAMW: best_a, MICROADAM: best_m}, "relative_gap": None}
-    if best_a and best_m:
-        summary["relative_gap"] = (best_m["eval_loss"] - best_a["eval_loss"]) / best_a["eval_loss"]
-    for name, best in ((ADAMW, best_a), (MICROADAM, best_m)):
-        lrs = sorted(r["lr"] for r in rows if r["optim"] == name)
-        if best and len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1]):
+def summarize(rows: list[dict], base_loss: float | None = None) -> dict:
+    """Best row per label, its relative gap to AdamW's best and, given the pretrained model's loss,
+    the share of AdamW's improvement over it that the label recovers."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    best = {label: best_row(rows, label) for label in labels}
+    adamw = best.get(ADAMW)
+    summary = {"best": best, "relative_gap": {}}
+    if base_loss is not None:
+        summary["improvement_ratio"] = {}
+    for label, b in best.items():
+        if label == ADAMW or not (adamw and b):
+            continue
+        summary["relative_gap"][label] = (b["eval_loss"] - adamw["eval_loss"]) / adamw["eval_loss"]
+        if base_loss is not None and base_loss > adamw["eval_loss"]:
+            summary["improvement_ratio"][label] = (base_loss - b["eval_loss"]) / (base_loss - adamw["eval_loss"])
+    for label, b in best.items():
+        lrs = sorted(r["lr"] for r in rows if r["label"] == label)
+        if b and len(lrs) > 1 and b["lr"] in (lrs[0], lrs[-1]):
             summary.setdefault("warnings", []).append(
-                f"{name}: best lr {best['lr']:g} is at the edge of the sweep {lrs}; widen it")
+                f"{label}: best lr {b['lr']:g} is at the edge of the sweep {lrs}; widen it")
     return summary
 
 
 # ---------------------------------------------------------------- table
 
+def columns(head: list[str], lines: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    return out + ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+
+
 def table(rows: list[dict], summary: dict) -> str:
-    head = ["optimizer", "lr", "eval loss", "train loss", "train s", "best"]
     best_ids = {id(b) for b in summary["best"].values() if b}
     lines = []
     for r in rows:
         loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else r["status"]
         train = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "-"
-        lines.append([r["optim"] + (f" ({r['optim_args']})" if r.get("optim_args") else ""), f"{r['lr']:g}",
-                      loss, train, f"{r.get('train_s', 0):.0f}", "*" if id(r) in best_ids else ""])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    gap = summary["relative_gap"]
-    best_a, best_m = summary["best"][ADAMW], summary["best"][MICROADAM]
-    if gap is not None:
-        out.append(f"best: {ADAMW} lr {best_a['lr']:g} -> {best_a['eval_loss']:.4f}; {MICROADAM} lr "
-                   f"{best_m['lr']:g} -> {best_m['eval_loss']:.4f}; MicroAdam relative gap {gap:+.2%}")
-    else:
-        out.append("best: no relative gap (an optimizer has no finite eval loss)")
+        lines.append([r["label"], r.get("optim_args") or "", f"{r['lr']:g}", loss, train,
+                      f"{r.get('train_s', 0):.0f}", "*" if id(r) in best_ids else ""])
+    out = columns(["optimizer", "optim_args", "lr", "eval loss", "train loss", "train s", "best"], lines)
+    ratios = summary.get("improvement_ratio")
+    head = ["best of", "lr", "eval loss", f"gap to {ADAMW}"] + (["share of AdamW's improvement"] if ratios is not None
+                                                                 else [])
+    lines = []
+    for label, b in summary["best"].items():
+        if b is None:
+            lines.append([label, "-", "no finite eval loss", "-"] + (["-"] if ratios is not None else []))
+            continue
+        gap = summary["relative_gap"].get(label)
+        line = [label, f"{b['lr']:g}", f"{b['eval_loss']:.4f}", f"{gap:+.2%}" if gap is not None else "-"]
+        if ratios is not None:
+            line.append(f"{ratios[label]:.2f}" if label in ratios else "-")
+        lines.append(line)
+    out += [""] + columns(head, lines)
     out += [f"warning: {w}" for w in summary.get("warnings", [])]
     return "\n".join(out)
 
 
 # ---------------------------------------------------------------- regimes
 
-def sweep(run_one, args, adamw_lrs: list[float], microadam_lrs: list[float]) -> list[dict]:
+def sweep(run_one, plan: list[tuple]) -> list[dict]:
+    """Run ``run_one(optim, optim_args, lr)`` for every lr of every ``(label, optim, optim_args, lrs)``."""
     rows = []
-    for optim, optim_args, lrs in ((ADAMW, None, adamw_lrs), (MICROADAM, args.microadam_args, microadam_lrs)):
+    for label, optim, optim_args, lrs in plan:
         for lr in lrs:
-            print(f"  {optim} lr {lr:g} ...", end=" ", flush=True)
-            row = run_one(optim, optim_args, lr)
+            print(f"  {label} lr {lr:g} ...", end=" ", flush=True)
+            row = {"label": label} | run_one(optim, optim_args, lr)
             print(f"{row['eval_loss']:.4f}" if row.get("eval_loss") is not None else row["status"],
                   f"({row.get('train_s', 0):.0f} s)", flush=True)
             rows.append(row)
@@ -269,9 +374,9 @@ def regime_finetune(args, workdir: Path) -> dict:
     print(f"eval loss {pre['eval_loss']:.4f} on {args.pretrain_source!r}, {base_ft_loss:.4f} on "
           f"{args.finetune_source!r} ({pre['train_s']:.0f} s)", flush=True)
     n = iter(range(10**6))
-    rows = sweep(lambda optim, oa, lr: finetune(base, ft_data, workdir / f"ft-{next(n)}", optim, oa, lr, args), args,
-                 args.finetune_adamw_lrs, args.finetune_microadam_lrs)
-    summary = summarize(rows)
+    rows = sweep(lambda optim, oa, lr: finetune(base, ft_data, workdir / f"ft-{next(n)}", optim, oa, lr, args),
+                 args.plan["finetune"])
+    summary = summarize(rows, base_ft_loss)
     print("\n(a) fine-tuning: eval loss on the fine-tuning eval split "
           f"({args.finetune_source!r}, {len(ft_data['eval'])} blocks; pretrained model: {base_ft_loss:.4f})")
     print(table(rows, summary))
@@ -297,7 +402,7 @@ def regime_scratch(args, workdir: Path) -> dict:
         return train_and_eval(model, data, workdir / f"scratch-{next(n)}", optim, optim_args, lr,
                               args.scratch_steps, args.scratch_batch_size, args.seed, args.warmup_ratio)
 
-    rows = sweep(run_one, args, args.scratch_adamw_lrs, args.scratch_microadam_lrs)
+    rows = sweep(run_one, args.plan["scratch"])
     summary = summarize(rows)
     print(f"\n(b) from scratch: eval loss on {args.scratch_source!r} ({len(data['eval'])} blocks)")
     print(table(rows, summary))
@@ -333,9 +438,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     result = {"benchmark": "convergence", "environment": environment(),
-              "args": {k: v for k, v in vars(args).items() if k != "regime_list"}}
+              "args": {k: v for k, v in vars(args).items() if k not in ("regime_list", "plan")}}
     print(f"torch {torch.__version__} | transformers {transformers.__version__} | threads {torch.get_num_threads()} "
-          f"| seed {args.seed} | MicroAdam optim_args {args.microadam_args!r}")
+          f"| seed {args.seed} | optim_args: " + "; ".join(f"{label} {oa!r}" for label, _, oa, _ in
+                                                           args.plan["finetune"] if oa))
     with tempfile.TemporaryDirectory(prefix="hf_ista_conv_") as tmp:
         # Third-party prints during training would break the tables.
         for regime in args.regime_list:
