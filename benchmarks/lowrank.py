@@ -52,12 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", default="tiny", choices=sorted(MODEL_SIZES), help="Trainer part: tiny Llama size")
     p.add_argument("--steps", type=int, default=200, help="Trainer part: optimizer steps")
     p.add_argument("--rank", type=int, default=16, help="Trainer part: rank of every low-rank optimizer")
-    p.add_argument("--lr-per-optim", default="adamw_torch=1e-3,ldadam=1e-3,dct_adamw=1e-3,galore_adamw=1e-3",
+    # Each optimizer's best lr of the from-scratch sweep (results/convergence-cpu-scratch-lowrank.json).
+    p.add_argument("--lr-per-optim", default="adamw_torch=1e-3,ldadam=1e-2,dct_adamw=1e-2,galore_adamw=3e-2",
                    help="Trainer part: learning rates, NAME=LR,...")
     p.add_argument("--hidden", type=int, default=1024, help="rank sweep: Llama block width (MLP is 2.75x)")
     p.add_argument("--ranks", default=",".join(map(str, RANKS)), help="rank sweep: ranks")
     p.add_argument("--sweep-steps", type=int, default=5, help="rank sweep: timed steps after the first")
-    p.add_argument("--dct-sizes", default="256,512,1024,2048,4096", help="DCT part: basis sizes n (A is n x n)")
+    p.add_argument("--dct-sizes", default="256,512,1024,2048,4096", help="DCT part: basis sizes n")
+    p.add_argument("--dct-aspect", type=float, default=1.0,
+                   help="DCT part: A is n x (aspect n); a Llama MLP weight is 2.75")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads; default 1 without CUDA, 0 = default")
     p.add_argument("--device-name", default="auto")
@@ -179,15 +182,15 @@ def ranks_part(args, device) -> list[dict]:
 def dct_part(args, device) -> list[dict]:
     rows = []
     for n in (int(x) for x in args.dct_sizes.split(",") if x):
-        a = torch.randn(n, n, device=device)
+        a = torch.randn(n, round(args.dct_aspect * n), device=device)
         q = dct_matrix(n, device)
         dct(a), q.T @ a  # warm-up (plans, caches)
         repeats = 3 if n >= 2048 else 10
         mm = statistics.median(timed(lambda: q.T @ a, repeats))
         fft = statistics.median(timed(lambda: dct(a), repeats))
         err = ((dct(a) - q.T @ a).abs().max() / (q.T @ a).abs().max()).item()
-        rows.append({"n": n, "matmul_s": mm, "fft_s": fft, "fft_over_matmul": fft / mm, "max_rel_diff": err})
-    print("\nDCT route: Q^T A for A of n x n, median time, FFT / matmul (< 1: the FFT is faster)")
+        rows.append({"n": n, "N": a.shape[1], "matmul_s": mm, "fft_s": fft, "fft_over_matmul": fft / mm, "max_rel_diff": err})
+    print(f"\nDCT route: Q^T A for A of n x {args.dct_aspect:g}n, median time, FFT / matmul (< 1: the FFT is faster)")
     print(format_table(["n", "matmul ms", "fft ms", "fft/matmul", "max rel diff"],
                        [[str(r["n"]), f"{r['matmul_s'] * 1e3:.2f}", f"{r['fft_s'] * 1e3:.2f}",
                          f"{r['fft_over_matmul']:.2f}", f"{r['max_rel_diff']:.1e}"] for r in rows]))

@@ -25,9 +25,10 @@ from ._lowrank import ADAMW_KEYS, LowRankAdam, oriented
 
 ERROR_FEEDBACK = ("none", "fp32", "8bit", "4bit")
 FFT_CHOICES = ("auto", "on", "off")
-# ``fft="auto"`` takes Makhoul's route from this basis size on. CPU: measured with
-# benchmarks/lowrank.py (1 thread, FFT faster from n = 2048). CUDA: not measured yet, same value.
-FFT_MIN_SIZE = {"cpu": 2048, "cuda": 2048}  # one entry per device type, to be measured apart
+# ``fft="auto"`` takes Makhoul's route from this basis size on, per device type. CPU: measured with
+# benchmarks/lowrank.py (1 thread; FFT / matmul 0.96 at n = 512 and 0.59 at n = 1024 for an
+# n x 2.75n weight). CUDA: not measured yet (no GPU was available); the CPU value until it is.
+FFT_MIN_SIZE = {"cpu": 1024, "cuda": 1024}
 QUANT_BLOCK = 64  # elements per (low, step) pair of the quantised error
 
 _ERROR_KEYS = {
