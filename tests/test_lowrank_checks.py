@@ -63,3 +63,18 @@ def test_float64_parameters_are_refused(name):
     cls, kw = OPTIMIZERS[name]
     with pytest.raises(ValueError, match="params=.*float64.*float32, bfloat16 or float16"):
         cls([{"params": [torch.nn.Parameter(torch.zeros(4, 8, dtype=torch.float64))], "rank": 2}], **kw)
+
+
+@pytest.mark.parametrize("error_feedback", ["none", "fp32", "8bit", "4bit"])
+@pytest.mark.parametrize("shape", [(8, 24), (24, 8)], ids=["wide", "tall"])
+def test_step_leaves_the_gradient_as_given(error_feedback, shape):
+    """The Trainer may read p.grad after step() (clipping logs, accumulation): it must be untouched."""
+    gen = torch.Generator().manual_seed(1)
+    for cls, kw in ((DCTAdamW, {"error_feedback": error_feedback}), (LDAdam, {})):
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+        opt = cls([{"params": [p], "rank": 3}], lr=1e-2, **kw)
+        for _ in range(3):
+            p.grad = torch.randn(shape, generator=gen)
+            given = p.grad.clone()
+            opt.step()
+            assert torch.equal(p.grad, given)

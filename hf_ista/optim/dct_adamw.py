@@ -123,12 +123,17 @@ class DCTAdamW(LowRankAdam):
         state["step"] += 1
         t = state["step"]
 
-        a = torch.empty(oriented(p).shape, dtype=torch.float32, device=p.device)
-        a.copy_(oriented(p.grad))  # a copy: p.grad is left as the Trainer gave it
+        # a = g + e in a new tensor (p.grad is left as the Trainer gave it); without error feedback
+        # a is only read, so the gradient itself serves.
+        g = oriented(p.grad).float()
         if "error" in state:
-            a += state["error"]
+            a = g + state["error"]
         elif "error_codes" in state:
-            K.dequantize_add(a, state["error_codes"], state["error_scales"], self._bits(state), QUANT_BLOCK, out=a)
+            g = g.contiguous()  # the kernels index it flat
+            a = K.dequantize_add(g, state["error_codes"], state["error_scales"], self._bits(state), QUANT_BLOCK,
+                                 out=torch.empty_like(g))
+        else:
+            a = g
 
         n = a.shape[0]
         if t == 1 or t % group["update_proj_gap"] == 0:
