@@ -14,7 +14,7 @@ from hf_ista.data import load_corpus, tiny_llama
 from hf_ista.integrations import transformers as hf_integration
 from hf_ista.kernels import lowrank as K
 from hf_ista.optim import DCTAdamW, LDAdam
-from hf_ista.optim.dct_adamw import QUANT_BLOCK
+from hf_ista.optim._lowrank import QUANT_BLOCK
 from hf_ista.optim._lowrank import oriented
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -90,6 +90,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         {
             "rank": _RANK,
             "rho": Hyper(float, 0.908, lambda v: 0 <= v < 1, "a float in [0, 1)"),
+            "error_feedback": Hyper(str, "fp32", choices=("none", "fp32", "8bit", "4bit")),
             "betas": _BETAS,
             "eps": _EPS,
         },

@@ -18,6 +18,8 @@ rows <= cols and right projection otherwise are this one case.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..kernels import lowrank as K
@@ -25,6 +27,61 @@ from ._base import IstaOptimizer, check_arg
 
 FULL_RANK_SIDE = 32_000  # a matrix with a side this long gets AdamW
 ADAMW_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
+
+# Error feedback: what the projection lost, kept in fp32 or quantised per block of QUANT_BLOCK
+# elements (8 bits: 256 levels, 4 bits: 16), or not kept.
+ERROR_FEEDBACK = ("none", "fp32", "8bit", "4bit")
+ERROR_KEYS = {
+    "none": frozenset(),
+    "fp32": frozenset({"error"}),
+    "8bit": frozenset({"error_codes", "error_scales"}),
+    "4bit": frozenset({"error_codes", "error_scales"}),
+}
+QUANT_BLOCK = 64
+
+
+def init_error(state: dict, mode: str, shape: tuple, device) -> None:
+    """The error state of ``mode``; an fp32 error has ``shape``, codes cover as many elements."""
+    numel = math.prod(shape)
+    if mode == "fp32":
+        state["error"] = torch.zeros(shape, dtype=torch.float32, device=device)
+    elif mode != "none":
+        bits = 8 if mode == "8bit" else 4
+        state["error_codes"] = torch.zeros(K.code_bytes(numel, bits, QUANT_BLOCK), dtype=torch.uint8, device=device)
+        state["error_scales"] = torch.zeros(K.n_blocks(numel, QUANT_BLOCK), 2, dtype=torch.float32, device=device)
+
+
+def error_shapes(keys, numel: int) -> dict:
+    """The shapes of the quantised error state (for checkpoint checks); 8 or 4 bits: the codes' size says."""
+    if "error_codes" not in keys:
+        return {}
+    return {"error_scales": (K.n_blocks(numel, QUANT_BLOCK), 2),
+            "error_codes": {(K.code_bytes(numel, 8, QUANT_BLOCK),), (K.code_bytes(numel, 4, QUANT_BLOCK),)}}
+
+
+def _bits(state: dict) -> int:
+    return 8 if state["error_codes"].numel() == state["error_scales"].shape[0] * QUANT_BLOCK else 4
+
+
+def add_error(state: dict, grad: torch.Tensor) -> torch.Tensor:
+    """``g + e`` in fp32, oriented, in a new tensor (``grad`` is left as the Trainer gave it); with no
+    error kept, the gradient itself (callers only read it)."""
+    g = oriented(grad).float()
+    if "error" in state:
+        return g + oriented(state["error"])
+    if "error_codes" in state:
+        g = g.contiguous()  # the kernels index it flat
+        return K.dequantize_add(g, state["error_codes"], state["error_scales"], _bits(state), QUANT_BLOCK,
+                                out=torch.empty_like(g))
+    return g
+
+
+def store_error(state: dict, error: torch.Tensor) -> None:
+    """Keep ``error`` (fp32, oriented) as the state says: as is, quantised, or not at all."""
+    if "error" in state:
+        oriented(state["error"]).copy_(error)
+    elif "error_codes" in state:
+        K.quantize(error.contiguous(), state["error_codes"], state["error_scales"], _bits(state), QUANT_BLOCK)
 
 
 def oriented(x: torch.Tensor) -> torch.Tensor:

@@ -21,22 +21,14 @@ import torch
 from ..kernels import lowrank as K
 from ..linalg import dct, dct_columns, dct_matrix
 from ._base import check_arg
-from ._lowrank import ADAMW_KEYS, LowRankAdam, oriented
+from ._lowrank import (ADAMW_KEYS, ERROR_FEEDBACK, ERROR_KEYS, LowRankAdam, add_error, error_shapes, init_error,
+                       oriented, store_error)
 
-ERROR_FEEDBACK = ("none", "fp32", "8bit", "4bit")
 FFT_CHOICES = ("auto", "on", "off")
 # ``fft="auto"`` takes Makhoul's route from this basis size on, per device type. CPU: measured with
 # benchmarks/lowrank.py (1 thread; FFT / matmul 0.96 at n = 512 and 0.59 at n = 1024 for an
 # n x 2.75n weight). CUDA: not measured yet (no GPU was available); the CPU value until it is.
 FFT_MIN_SIZE = {"cpu": 1024, "cuda": 1024}
-QUANT_BLOCK = 64  # elements per (low, step) pair of the quantised error
-
-_ERROR_KEYS = {
-    "none": frozenset(),
-    "fp32": frozenset({"error"}),
-    "8bit": frozenset({"error_codes", "error_scales"}),
-    "4bit": frozenset({"error_codes", "error_scales"}),
-}
 _LOW_RANK_KEYS = frozenset({"step", "indices", "exp_avg", "exp_avg_sq"})
 
 
@@ -56,7 +48,7 @@ class DCTAdamW(LowRankAdam):
         fft: ``"auto"`` (FFT from ``FFT_MIN_SIZE`` on), ``"on"`` or ``"off"`` (always the matmul).
     """
 
-    state_keys = (ADAMW_KEYS,) + tuple(_LOW_RANK_KEYS | keys for keys in _ERROR_KEYS.values())
+    state_keys = (ADAMW_KEYS,) + tuple(_LOW_RANK_KEYS | keys for keys in ERROR_KEYS.values())
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: int | None = None, update_proj_gap: int = 1,
@@ -84,30 +76,12 @@ class DCTAdamW(LowRankAdam):
         state["indices"] = torch.zeros(r, dtype=torch.int64, device=p.device)
         state["exp_avg"] = torch.zeros(r, N, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(r, N, dtype=torch.float32, device=p.device)
-        mode = group["error_feedback"]
-        if mode == "fp32":
-            state["error"] = torch.zeros(n, N, dtype=torch.float32, device=p.device)
-        elif mode != "none":
-            bits = 8 if mode == "8bit" else 4
-            state["error_codes"] = torch.zeros(K.code_bytes(n * N, bits, QUANT_BLOCK), dtype=torch.uint8,
-                                               device=p.device)
-            state["error_scales"] = torch.zeros(K.n_blocks(n * N, QUANT_BLOCK), 2, dtype=torch.float32,
-                                                device=p.device)
+        init_error(state, group["error_feedback"], (n, N), p.device)
         return state
 
     def _low_rank_shapes(self, p: torch.Tensor, group: dict, keys) -> dict:
         n, N = min(p.shape), max(p.shape)
-        shapes = {"indices": (group["rank"],), "error": (n, N)}
-        if "error_codes" in keys:  # 8 or 4 bits: the codes' size says which
-            blocks = K.n_blocks(n * N, QUANT_BLOCK)
-            shapes["error_scales"] = (blocks, 2)
-            shapes["error_codes"] = {(K.code_bytes(n * N, 8, QUANT_BLOCK),), (K.code_bytes(n * N, 4, QUANT_BLOCK),)}
-        return shapes
-
-    @staticmethod
-    def _bits(state: dict) -> int:
-        """4 or 8, from the stored codes (a loaded checkpoint is self-describing)."""
-        return 8 if state["error_codes"].numel() == state["error_scales"].shape[0] * QUANT_BLOCK else 4
+        return {"indices": (group["rank"],), "error": (n, N), **error_shapes(keys, n * N)}
 
     def _transform(self, a: torch.Tensor, group: dict) -> torch.Tensor:
         """``Q^T a``: the coefficients of every column of ``a`` on the whole basis."""
@@ -123,17 +97,7 @@ class DCTAdamW(LowRankAdam):
         state["step"] += 1
         t = state["step"]
 
-        # a = g + e in a new tensor (p.grad is left as the Trainer gave it); without error feedback
-        # a is only read, so the gradient itself serves.
-        g = oriented(p.grad).float()
-        if "error" in state:
-            a = g + state["error"]
-        elif "error_codes" in state:
-            g = g.contiguous()  # the kernels index it flat
-            a = K.dequantize_add(g, state["error_codes"], state["error_scales"], self._bits(state), QUANT_BLOCK,
-                                 out=torch.empty_like(g))
-        else:
-            a = g
+        a = add_error(state, p.grad)
 
         n = a.shape[0]
         if t == 1 or t % group["update_proj_gap"] == 0:
@@ -149,11 +113,8 @@ class DCTAdamW(LowRankAdam):
             basis = dct_columns(n, indices)
             projected = basis.T @ a
 
-        if "error" in state:
-            torch.addmm(a, basis, projected, alpha=-1, out=state["error"])
-        elif "error_codes" in state:
-            a.addmm_(basis, projected, alpha=-1)
-            K.quantize(a, state["error_codes"], state["error_scales"], self._bits(state), QUANT_BLOCK)
+        if group["error_feedback"] != "none":
+            store_error(state, torch.addmm(a, basis, projected, alpha=-1))
         direction = self._adam_direction(state, projected, group)
         self._apply_low_rank(p, group, basis, direction)
 

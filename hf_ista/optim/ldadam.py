@@ -16,15 +16,18 @@ gradient ``g``, error ``e``, basis ``P`` (``n x r``, orthonormal), moments ``m, 
 7. Adam in the subspace on ``ĝ``; ``p <- p (1 - lr wd) - lr P_t (m̂ / (sqrt(v̂) + eps))``
 
 Steps 4-6 are skipped at ``t = 1`` (the moments are still zero). The error ``e`` is optimizer
-state (in the parameter's dtype; fp32 for fp16 parameters, whose range it can exceed), not ``p.grad``: ``model.zero_grad()`` and gradient accumulation
-cannot touch it. Basis and moments are fp32.
+state, not ``p.grad``: ``model.zero_grad()`` and gradient accumulation cannot touch it. It is kept
+in fp32 (``error_feedback="fp32"``, the method as published), or quantised to 8 or 4 bits per block
+of 64 (1.125 / 0.625 bytes per parameter instead of 4), or not at all (``"none"``). Basis and
+moments are fp32.
 """
 from __future__ import annotations
 
 import torch
 
 from ._base import check_arg
-from ._lowrank import ADAMW_KEYS, LowRankAdam, oriented
+from ._lowrank import (ADAMW_KEYS, ERROR_FEEDBACK, ERROR_KEYS, LowRankAdam, add_error, error_shapes, init_error,
+                       oriented, store_error)
 
 
 class LDAdam(LowRankAdam):
@@ -37,22 +40,28 @@ class LDAdam(LowRankAdam):
         rank: ``None`` keeps a group on plain AdamW; an integer makes the group's matrices low-rank.
             Set it per group (the Trainer puts ``optim_target_modules`` in a group with ``rank``).
         rho: weight of the momentum in the power iteration's target, in ``[0, 1)``.
+        error_feedback: ``"fp32"`` (default), ``"8bit"``, ``"4bit"`` or ``"none"``: how the error is kept.
     """
 
-    state_keys = (ADAMW_KEYS, frozenset({"step", "basis", "exp_avg", "exp_avg_sq", "error"}))
+    state_keys = (ADAMW_KEYS,) + tuple(frozenset({"step", "basis", "exp_avg", "exp_avg_sq"}) | keys
+                                       for keys in ERROR_KEYS.values())
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.908, 0.99), eps: float = 1e-8,
-                 weight_decay: float = 0.0, rank: int | None = None, rho: float = 0.908):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank, rho=rho)
+                 weight_decay: float = 0.0, rank: int | None = None, rho: float = 0.908,
+                 error_feedback: str = "fp32"):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank, rho=rho,
+                        error_feedback=error_feedback)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
         rho = group["rho"]
         check_arg("rho", rho, isinstance(rho, (int, float)) and 0 <= rho < 1, "a number in [0, 1)")
+        check_arg("error_feedback", group["error_feedback"], group["error_feedback"] in ERROR_FEEDBACK,
+                  f"one of {ERROR_FEEDBACK}")
 
     def _low_rank_shapes(self, p: torch.Tensor, group: dict, keys) -> dict:
-        return {"basis": (min(p.shape), group["rank"]), "error": tuple(p.shape)}
+        return {"basis": (min(p.shape), group["rank"]), "error": tuple(p.shape), **error_shapes(keys, p.numel())}
 
     def _init_low_rank(self, p: torch.Tensor, group: dict) -> dict:
         n, N = oriented(p).shape
@@ -62,9 +71,7 @@ class LDAdam(LowRankAdam):
         state["basis"] = torch.zeros(n, r, dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros(r, N, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(r, N, dtype=torch.float32, device=p.device)
-        # bf16 and fp32 have the range the error needs; fp16 (max 65504) does not: it gets fp32.
-        dtype = p.dtype if p.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        state["error"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        init_error(state, group["error_feedback"], tuple(p.shape), p.device)
         return state
 
     def _low_rank_update(self, p: torch.Tensor, group: dict) -> None:
@@ -74,7 +81,7 @@ class LDAdam(LowRankAdam):
         state["step"] += 1
         t = state["step"]
 
-        a = oriented(p.grad).float() + oriented(state["error"]).float()
+        a = add_error(state, p.grad)
         if t == 1:
             new_basis = torch.linalg.svd(a, full_matrices=False).U[:, : basis.shape[1]]
         else:
@@ -82,16 +89,19 @@ class LDAdam(LowRankAdam):
             b = (group["rho"] / (1 - beta1 ** (t - 1))) * lifted_momentum + (1 - group["rho"]) * a
             new_basis = torch.linalg.qr(b @ (b.T @ basis)).Q  # b bᵀ P without the n x n product
         projected = new_basis.T @ a
-        error = a - new_basis @ projected
         if t > 1:
             change = new_basis.T @ basis
             rotated = change @ m
-            error += (beta1 / (1 - beta1)) * (lifted_momentum - new_basis @ rotated)
+        if group["error_feedback"] != "none":
+            # e = a - P_t ĝ + c (P_{t-1} m_{t-1} - P_t m̃) = (a + c P_{t-1} m_{t-1}) - P_t (ĝ + c m̃)
+            c = beta1 / (1 - beta1)
+            kept, lost = (a, projected) if t == 1 else (a + c * lifted_momentum, projected + c * rotated)
+            store_error(state, torch.addmm(kept, new_basis, lost, alpha=-1))
+        if t > 1:
             bc1, bc2 = 1 - beta1 ** (t - 1), 1 - beta2 ** (t - 1)
             variance = v / bc2 - m * m / bc1 ** 2
             v.copy_(((change * change) @ variance).addcmul_(rotated, rotated, value=1 / bc1 ** 2).abs_().mul_(bc2))
             m.copy_(rotated)
-        oriented(state["error"]).copy_(error)
         basis.copy_(new_basis)
         direction = self._adam_direction(state, projected, group)
         self._apply_low_rank(p, group, basis, direction)
