@@ -4,7 +4,8 @@
 Three measurements, each printed as a table and written to one JSON file:
 
 1. **Trainer** — every optimizer trains the quickstart model (``tiny_llama``, embedded stdlib corpus)
-   through the plain ``Trainer`` with ``optim_target_modules="all-linear"``, at rank ``--rank``:
+   through the plain ``Trainer`` with ``optim_target_modules="all-linear"``, at rank ``--rank``
+   (LDAdam twice: its error in fp32 and in 4 bits):
    state bytes per trainable parameter, ``optimizer.step()`` time as a ratio to ``adamw_torch``,
    final eval loss (the machinery of ``optimizers.py``).
 2. **Rank sweep** — the optimizers alone on the weight matrices of one Llama block of width
@@ -90,18 +91,18 @@ def trainer_part(args) -> list[dict]:
     lr_map = dict(item.split("=") for item in args.lr_per_optim.split(",") if item)
     bench = common.parse_args(["--size", args.size, "--steps", str(args.steps), "--optims", ",".join(TRAINER_OPTIMS),
                                "--lr-per-optim", ",".join(f"{k}={v}" for k, v in lr_map.items())])
-    rank_args = {"ldadam": f"rank={args.rank},rho=0.908", "dct_adamw": f"rank={args.rank}",
-                 "galore_adamw": f"rank={args.rank},update_proj_gap={GALORE_GAP},scale=0.25"}
-    for name, optim_args in rank_args.items():
-        common.OPTIMIZERS[name] = (optim_args, common.OPTIMIZERS[name][1])
+    runs = [("adamw_torch", None), ("ldadam", f"rank={args.rank},rho=0.908"),
+            ("ldadam", f"rank={args.rank},rho=0.908,error_feedback=4bit"), ("dct_adamw", f"rank={args.rank}"),
+            ("galore_adamw", f"rank={args.rank},update_proj_gap={GALORE_GAP},scale=0.25")]
     data = load_corpus("stdlib", block_size=bench.block_size, max_bytes=bench.max_bytes, seed=bench.seed)
     data["eval"] = data["eval"].select(range(min(bench.eval_blocks, len(data["eval"]))))
     rows = []
     with tempfile.TemporaryDirectory(prefix="hf_ista_lowrank_") as workdir:
-        for name in TRAINER_OPTIMS:
-            print(f"  trainer: {name} ...", flush=True)
+        for i, (name, optim_args) in enumerate(runs):
+            print(f"  trainer: {name} ({optim_args}) ...", flush=True)
+            common.OPTIMIZERS[name] = (optim_args, common.OPTIMIZERS[name][1])  # run_one reads its args there
             with contextlib.redirect_stdout(io.StringIO()):
-                rows.append(common.run_one(name, bench, data, Path(workdir)))
+                rows.append(common.run_one(name, bench, data, Path(workdir) / str(i)))
     base = next(r for r in rows if r["optim"] == "adamw_torch")
     for r in rows:
         r["step_ratio"] = r["step_mean_s"] / base["step_mean_s"] if r.get("step_mean_s") else None
