@@ -69,18 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
-        sync()
+        common.sync()
         start = time.perf_counter()
         fn()
-        sync()
+        common.sync()
         out.append(time.perf_counter() - start)
     return out
 
@@ -174,7 +169,7 @@ def ranks_part(args, device) -> list[dict]:
         lines.append([str(rank)] + [f"{by[n]['step_ratio']:.2f}x" for n in ("ldadam", "dct_adamw", "galore_adamw")]
                      + [f"{by[n]['first_step_s']:.3f}" for n in ("ldadam", "dct_adamw", "galore_adamw")]
                      + [f"{by['dct_adamw']['state_bytes_per_param']:.3f}"])
-    print(format_table(head, lines))
+    print(common.format_table(head, lines))
     return rows
 
 
@@ -192,16 +187,10 @@ def dct_part(args, device) -> list[dict]:
         err = ((dct(a) - q.T @ a).abs().max() / (q.T @ a).abs().max()).item()
         rows.append({"n": n, "N": a.shape[1], "matmul_s": mm, "fft_s": fft, "fft_over_matmul": fft / mm, "max_rel_diff": err})
     print(f"\nDCT route: Q^T A for A of n x {args.dct_aspect:g}n, median time, FFT / matmul (< 1: the FFT is faster)")
-    print(format_table(["n", "matmul ms", "fft ms", "fft/matmul", "max rel diff"],
+    print(common.format_table(["n", "matmul ms", "fft ms", "fft/matmul", "max rel diff"],
                        [[str(r["n"]), f"{r['matmul_s'] * 1e3:.2f}", f"{r['fft_s'] * 1e3:.2f}",
                          f"{r['fft_over_matmul']:.2f}", f"{r['max_rel_diff']:.1e}"] for r in rows]))
     return rows
-
-
-def format_table(head: list[str], lines: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), "  ".join("-" * w for w in widths)]
-    return "\n".join(out + ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines])
 
 
 def main(argv=None) -> int:

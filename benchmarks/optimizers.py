@@ -312,6 +312,11 @@ def table(rows: list[dict]) -> str:
             fmt(r.get("eval_loss"), ".4f"),
             status if len(status) <= 100 else status[:97] + "...",
         ])
+    return format_table(head, lines)
+
+
+def format_table(head: list[str], lines: list[list[str]]) -> str:
+    """Plain-text columns under a header and a rule."""
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
            "  ".join("-" * w for w in widths)]

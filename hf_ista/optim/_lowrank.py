@@ -28,6 +28,11 @@ from ._base import IstaOptimizer, check_arg
 FULL_RANK_SIDE = 32_000  # a matrix with a side this long gets AdamW
 ADAMW_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 
+def oriented(x: torch.Tensor) -> torch.Tensor:
+    """The view of a matrix with its shorter side first."""
+    return x if x.shape[0] <= x.shape[1] else x.T
+
+
 # Error feedback: what the projection lost, kept in fp32 or quantised per block of QUANT_BLOCK
 # elements (8 bits: 256 levels, 4 bits: 16), or not kept.
 ERROR_FEEDBACK = ("none", "fp32", "8bit", "4bit")
@@ -84,14 +89,10 @@ def store_error(state: dict, error: torch.Tensor) -> None:
         K.quantize(error.contiguous(), state["error_codes"], state["error_scales"], _bits(state), QUANT_BLOCK)
 
 
-def oriented(x: torch.Tensor) -> torch.Tensor:
-    """The view of a matrix with its shorter side first."""
-    return x if x.shape[0] <= x.shape[1] else x.T
-
-
 class LowRankAdam(IstaOptimizer):
     """Base class: AdamW for full-rank parameters, the subspace Adam step and the parameter update
-    for low-rank ones. Subclasses implement ``_low_rank_update(p, group)``."""
+    for low-rank ones. Subclasses define ``_low_rank_update(p, group)`` (the step of one low-rank
+    parameter) and ``_low_rank_shapes`` (its state's shapes, for checkpoint checks)."""
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
@@ -124,9 +125,6 @@ class LowRankAdam(IstaOptimizer):
             self._low_rank_update(p, group)
         else:
             self._adamw_update(p, group)
-
-    def _low_rank_update(self, p: torch.Tensor, group: dict) -> None:
-        raise NotImplementedError
 
     def _adam_direction(self, state: dict, grad: torch.Tensor, group: dict) -> torch.Tensor:
         """Advance ``state``'s moments with ``grad`` (fp32, their shape) at ``state["step"]`` and
