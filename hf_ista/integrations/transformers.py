@@ -109,6 +109,26 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         },
         low_rank=True,
     ),
+    "dash": OptimizerSpec(
+        "hf_ista.optim.dash:DASH",
+        {
+            "block_size": Hyper(int, 1024, lambda v: v >= 2, "an integer >= 2"),
+            "inv_root": Hyper(str, "ndb", choices=("ndb", "cn", "cheby", "evd")),
+            "precond_freq": Hyper(int, 10, lambda v: v >= 1, "an integer >= 1"),
+            "scaling": Hyper(str, "power", choices=("power", "fro")),
+            "grafting": Hyper(str, "adam", choices=("adam", "none")),
+            "beta_lr": Hyper(float, 0.95, lambda v: 0 <= v < 1, "a float in [0, 1)"),
+            "beta_g": Hyper(float, 0.9, lambda v: 0 <= v < 1, "a float in [0, 1)"),
+            "beta_graft": Hyper(float, 0.95, lambda v: 0 <= v < 1, "a float in [0, 1)"),
+            "eps": Hyper(float, 1e-6, lambda v: v > 0, "a float > 0 (damping relative to the top eigenvalue)"),
+            "graft_eps": Hyper(float, 1e-8, lambda v: v >= 0, "a float >= 0"),
+            "newton_steps": Hyper(int, 10, lambda v: v >= 1, "an integer >= 1"),
+            "cheby_degree": Hyper(int, 40, lambda v: v >= 1, "an integer >= 1"),
+            "start_step": Hyper(int, 1, lambda v: v >= 1, "an integer >= 1"),
+            "one_dim": Hyper(str, "adamw", choices=("adamw", "shampoo")),
+        },
+        adam_like=False,
+    ),
 }
 
 

@@ -1,7 +1,8 @@
 """hf_ista optimizers: one file each, all ``torch.optim.Optimizer`` subclasses."""
 from ._base import IstaOptimizer, state_bytes
+from .dash import DASH
 from .dct_adamw import DCTAdamW
 from .ldadam import LDAdam
 from .microadam import MicroAdam
 
-__all__ = ["DCTAdamW", "IstaOptimizer", "LDAdam", "MicroAdam", "state_bytes"]
+__all__ = ["DASH", "DCTAdamW", "IstaOptimizer", "LDAdam", "MicroAdam", "state_bytes"]

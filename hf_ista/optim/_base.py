@@ -30,7 +30,8 @@ def check_adam_args(lr, betas, eps, weight_decay) -> None:
 class IstaOptimizer(torch.optim.Optimizer):
     """Base class. Subclasses set ``state_keys`` (the keys of an initialised per-parameter state, or
     a tuple of the key sets it may have),
-    implement ``_check_group`` and ``_update(param, group)``, and get the rest from here."""
+    implement ``_check_group`` and ``_update(param, group)`` (or ``_update_all``), and get the rest
+    from here."""
 
     state_keys: frozenset[str] | tuple[frozenset[str], ...] = frozenset()
 
@@ -64,10 +65,15 @@ class IstaOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__} does not support sparse gradients (parameter of "
                                  f"shape {tuple(p.shape)}); use a dense embedding (sparse=False)")
         with _no_autocast():  # a step inside autocast must not run its matmuls in bf16
-            for (param, group), finite in zip(work, self._finite(p for p, _ in work)):
-                if finite:
-                    self._update(param, group)
+            finite = self._finite(p for p, _ in work)
+            self._update_all([pair for pair, ok in zip(work, finite) if ok])
         return loss
+
+    def _update_all(self, work: list[tuple[torch.Tensor, dict]]) -> None:
+        """Update every ``(param, group)`` of ``work`` (their gradients are finite). One at a time
+        here; an optimizer that batches parameters together overrides this."""
+        for param, group in work:
+            self._update(param, group)
 
     def _state_shapes(self, p: torch.Tensor, group: dict, keys) -> dict:
         """The shape (or set of shapes) each state tensor of ``p`` must have under ``group``, for the

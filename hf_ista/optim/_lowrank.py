@@ -89,6 +89,25 @@ def store_error(state: dict, error: torch.Tensor) -> None:
         K.quantize(error.contiguous(), state["error_codes"], state["error_scales"], _bits(state), QUANT_BLOCK)
 
 
+def adamw_update(p: torch.Tensor, state: dict, lr: float, weight_decay: float, betas, eps: float) -> None:
+    """One AdamW step of ``p`` with its ``state`` (``step``, fp32 ``exp_avg`` / ``exp_avg_sq``,
+    created on the first call); the math in fp32 whatever ``p``'s dtype."""
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    state["step"] += 1
+    beta1, beta2 = betas
+    t = state["step"]
+    direction = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    K.subspace_adam(p.grad.float().contiguous(), state["exp_avg"], state["exp_avg_sq"], direction, beta1, beta2,
+                    1 - beta1 ** t, 1 - beta2 ** t, eps)
+    if p.dtype == torch.float32:
+        p.mul_(1 - lr * weight_decay).add_(direction, alpha=-lr)
+    else:
+        p.copy_(p.float().mul_(1 - lr * weight_decay).add_(direction, alpha=-lr))
+
+
 class LowRankAdam(IstaOptimizer):
     """Base class: AdamW for full-rank parameters, the subspace Adam step and the parameter update
     for low-rank ones. Subclasses define ``_low_rank_update(p, group)`` (the step of one low-rank
@@ -137,18 +156,7 @@ class LowRankAdam(IstaOptimizer):
         return direction
 
     def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        state["step"] += 1
-        direction = self._adam_direction(state, p.grad.float().contiguous(), group)
-        lr = group["lr"]
-        if p.dtype == torch.float32:
-            p.mul_(1 - lr * group["weight_decay"]).add_(direction, alpha=-lr)
-        else:
-            p.copy_(p.float().mul_(1 - lr * group["weight_decay"]).add_(direction, alpha=-lr))
+        adamw_update(p, self.state[p], group["lr"], group["weight_decay"], group["betas"], group["eps"])
 
     @staticmethod
     def _apply_low_rank(p: torch.Tensor, group: dict, basis: torch.Tensor, direction: torch.Tensor) -> None:
