@@ -1,5 +1,5 @@
 """Two DDP processes (gloo on the CPU) through `accelerate launch` end with identical parameters
-and identical optimizer state, for every optimizer (one launch trains the three recipes in turn)."""
+and identical optimizer state, for every optimizer (one launch trains the recipes in turn)."""
 import os
 import subprocess
 import sys
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 ASSETS = Path(__file__).parent / "assets"
-RECIPES = {"short_microadam": "MicroAdam", "short_ldadam": "LDAdam", "short_dct_adamw": "DCTAdamW"}
+RECIPES = {"short_microadam": "MicroAdam", "short_ldadam": "LDAdam", "short_dct_adamw": "DCTAdamW",
+           "short_dash": "DASH"}
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +44,16 @@ def test_two_ranks_end_identical(ddp_runs, name):
     moved = (ranks[0]["final"] - ranks[0]["initial"]).abs().max().item()
     assert moved > 1e-3  # training happened
     assert torch.equal(ranks[0]["final"], ranks[1]["final"])
-    # The optimizer state too (LDAdam's basis and error, DCT-AdamW's indices and 4-bit error ...).
+    # The optimizer state too (LDAdam's basis and error, DCT-AdamW's indices and 4-bit error, DASH's
+    # stacked L, R and their roots ...).
     assert ranks[0]["ranks"] == ranks[1]["ranks"]
-    if name != "short_microadam":
+    if name in ("short_ldadam", "short_dct_adamw"):
         assert set(ranks[0]["ranks"]) == {4, None}
         low_rank_key = {"short_ldadam": "error", "short_dct_adamw": "error_codes"}[name]
         n_low_rank = {"short_ldadam": 15, "short_dct_adamw": 8}[name]  # all-linear / attention only
         assert sum(low_rank_key in s for s in ranks[0]["state"].values()) == n_low_rank
+    if name == "short_dash":  # every matrix stacked (embedding, 14 projections, lm_head); norms on AdamW
+        assert sum("L_root" in s for s in ranks[0]["state"].values()) == 16
     states = [r["state"] for r in ranks]
     assert states[0].keys() == states[1].keys() and len(states[0]) > 0
     for pid in states[0]:

@@ -47,3 +47,15 @@ def test_lowrank_kernels_compile_for_sm90(facts):
     assert {"div.rn.f32", "sqrt.rn.f32"} <= set(family["_subspace_adam_kernel"]["ops"])
     for bits in ("8bit", "4bit"):
         assert "div.rn.f32" in family[f"_quantize_kernel[{bits}]"]["ops"]
+
+
+def test_dash_kernels_compile_for_sm90(facts):
+    family = facts["dash"]
+    assert set(family) == set(facts["defined"]["dash"]) == {"_symmetric_ema_kernel", "_graft_moments_kernel"}
+    assert all(f["cubin_bytes"] > 1000 for f in family.values())
+    _exact({"graft": family["_graft_moments_kernel"]})
+    assert {"div.rn.f32", "sqrt.rn.f32"} <= set(family["_graft_moments_kernel"]["ops"])
+    # The EMA's tiles are a fp32 matmul (IEEE products, fma accumulation, as cuBLAS's fp32 GEMM);
+    # still no atomics and no approximate division.
+    ops = set(family["_symmetric_ema_kernel"]["ops"])
+    assert not any(op.startswith("atom") or ".approx" in op for op in ops), ops

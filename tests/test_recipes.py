@@ -9,14 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
 SHRINK = {"model_size": "nano", "corpus": "json", "block_size": 64, "max_bytes": 40_000, "max_steps": 4,
           "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16, "eval_steps": 2,
-          "logging_steps": 1, "disable_tqdm": True}
+          "logging_steps": 1, "disable_tqdm": True,
+          # four steps must move the loss: no warm-up, and one lr for every method
+          "warmup_steps": 0, "learning_rate": 1e-2}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_the_method_recipes_exist():
     names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
-    assert {"quickstart.yaml", "ldadam/quickstart.yaml", "dct_adamw/quickstart.yaml"} <= names
+    assert {"quickstart.yaml", "ldadam/quickstart.yaml", "dct_adamw/quickstart.yaml", "dash/quickstart.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
@@ -27,13 +29,16 @@ def test_recipe_parses_with_checked_optim_args(path):
         train.load_recipe(path, {**baseline, "hf_ista": None})
 
 
-@pytest.mark.parametrize("method", ["ldadam", "dct_adamw"])
-def test_method_quickstart_trains(method, tmp_path):
+@pytest.mark.parametrize("method, hypers", [
+    ("ldadam", {"rank": 16, "optim_target_modules": "all-linear"}),
+    ("dct_adamw", {"rank": 16, "optim_target_modules": "all-linear"}),
+    ("dash", {"inv_root": "ndb", "precond_freq": 10, "block_size": 1024, "eps": 1e-6}),
+])
+def test_method_quickstart_trains(method, hypers, tmp_path):
     recipe, args, _ = train.load_recipe(ROOT / "recipes" / method / "quickstart.yaml",
                                         {**SHRINK, "output_dir": str(tmp_path)})
     result = train.run(recipe, args)
     assert result["optim"] == method and result["steps"] == 4
     losses = [h["loss"] for h in result["log_history"] if "loss" in h]
-    assert len(losses) == 4 and losses[-1] < losses[0]  # lr and the low-rank step move the loss down
-    assert result["hyperparameters"]["rank"] == 16
-    assert result["hyperparameters"]["optim_target_modules"] == "all-linear"
+    assert len(losses) == 4 and losses[-1] < losses[0]  # lr and the method's step move the loss down
+    assert {k: result["hyperparameters"][k] for k in hypers} == hypers

@@ -112,6 +112,21 @@ def test_shared_tensors_counted_once():
     assert hf_ista.state_bytes(opt) == 800
 
 
+def test_tensors_in_objects_of_the_state_count():
+    """An optimizer may keep a preconditioner object per parameter (pytorch-optimizer's
+    ScalableShampoo does): the tensors among its attributes are state too, a cycle is no trap."""
+    class Preconditioner:
+        def __init__(self):
+            self.left, self.right = torch.zeros(10, 10), torch.zeros(5, 5, dtype=torch.float64)
+            self.stats = [torch.zeros(3, dtype=torch.int16)]
+            self.me = self
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p] = {"pre": Preconditioner(), "step": 3}
+    assert hf_ista.state_bytes(opt) == 400 + 200 + 6
+
+
 def test_torchao_adamw4bit_counts_inner_tensors():
     """4-bit moments: 2 x 0.5 B codes + fp32 scales per block of 128 + a 16-entry qmap each."""
     torchao_optim = pytest.importorskip("torchao.optim")

@@ -176,15 +176,22 @@ def _collect(t: torch.Tensor, spans: dict) -> None:
     spans.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((start, start + extent))
 
 
-def _walk(obj, spans: dict) -> None:
+def _walk(obj, spans: dict, seen: set) -> None:
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
     if torch.is_tensor(obj):
         _collect(obj, spans)
     elif isinstance(obj, dict):
         for v in obj.values():
-            _walk(v, spans)
-    elif isinstance(obj, (list, tuple)):
+            _walk(v, spans, seen)
+    elif isinstance(obj, (list, tuple, set)):
         for v in obj:
-            _walk(v, spans)
+            _walk(v, spans, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        # Some optimizers keep their state in objects of their own (a preconditioner per
+        # parameter, e.g. pytorch-optimizer's ScalableShampoo): their tensors count too.
+        _walk(vars(obj), spans, seen)
 
 
 def _union_length(ranges: list) -> int:
@@ -199,13 +206,13 @@ def _union_length(ranges: list) -> int:
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by the tensors of an optimizer's state (any ``torch.optim.Optimizer``).
 
-    Counts every tensor in ``optimizer.state`` (nested containers and tensor subclasses included)
-    once, however many parameters share it; views of one buffer count each of its bytes once.
+    Counts every tensor in ``optimizer.state`` (nested containers, the attributes of objects kept
+    there and tensor subclasses included) once, however many parameters share it; views of one buffer count each of its bytes once.
     Python scalars (a step counter) count as 0.
     """
     inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
     if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
         optimizer = inner
     spans: dict = {}
-    _walk(list(optimizer.state.values()), spans)
+    _walk(list(optimizer.state.values()), spans, set())
     return sum(_union_length(r) for r in spans.values())

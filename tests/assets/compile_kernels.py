@@ -1,4 +1,4 @@
-"""Compile every Triton kernel (MicroAdam, low-rank) for an H100 (sm_90) without a GPU; print JSON
+"""Compile every Triton kernel (MicroAdam, low-rank, DASH) for an H100 (sm_90) without a GPU; print JSON
 facts ``{family: {kernel: {"cubin_bytes": ..., "ops": [...]}}}`` and, under ``"defined"``, the
 names of the Triton kernels (``*_kernel``, not the device helpers) each family's module defines,
 so a new kernel cannot be forgotten here.
@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hf_ista.kernels import lowrank, microadam
+from hf_ista.kernels import dash, lowrank, microadam
 
 MICROADAM = {
     "_select_topk_kernel": ({"a_ptr": "*fp32", "idx_ptr": "*i16", "val_ptr": "*bf16", "row_offset": "i32",
@@ -45,10 +45,21 @@ LOWRANK = {
     "_dequantize_add_kernel[4bit]": (_DEQUANTIZE, {"BITS": 4, "BLOCK": 1024}),
 }
 
+DASH = {
+    "_symmetric_ema_kernel": ({"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "k": "i32", "sxb": "i32",
+                               "sxn": "i32", "sxk": "i32", "beta": "fp32", "TILE": "constexpr", "BK": "constexpr"},
+                              {"TILE": 64, "BK": 32}),
+    "_graft_moments_kernel": ({"g_ptr": "*fp32", "m_ptr": "*fp32", "a_ptr": "*fp32", "d_ptr": "*fp32",
+                               "partial_ptr": "*fp32", "block_numel": "i32", "n_chunks": "i32", "beta_g": "fp32",
+                               "beta_a": "fp32", "bc_g": "fp32", "bc_a": "fp32", "eps": "fp32", "BLOCK": "constexpr"},
+                              {"BLOCK": 1024}),
+}
+
 OPS = re.compile(r"\b(div\.\w+\.f32|sqrt\.\w+(?:\.\w+)*\.f32|fma\.rn\.f32|atom\.[\w.]+)")
 
 facts = {"defined": {}}
-for family, module, kernels in (("microadam", microadam, MICROADAM), ("lowrank", lowrank, LOWRANK)):
+for family, module, kernels in (("microadam", microadam, MICROADAM), ("lowrank", lowrank, LOWRANK),
+                                ("dash", dash, DASH)):
     facts[family] = {}
     facts["defined"][family] = sorted(n for n, v in vars(module).items()
                                       if isinstance(v, triton.JITFunction) and n.endswith("_kernel"))
