@@ -49,7 +49,7 @@ ROOT_ARGS = {"cheby": dict(eps=1e-3, cheby_degree=60)}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--parts", default="step", help="comma list of: step, convergence")
+    p.add_argument("--parts", default="step,convergence", help="comma list of: step, convergence")
     p.add_argument("--size", default="tiny", choices=sorted(MODEL_SIZES))
     p.add_argument("--block-size", type=int, default=128, help="DASH's and ScalableShampoo's block side")
     p.add_argument("--precond-freq", type=int, default=10, help="steps between inverse roots (all Shampoos)")
@@ -147,10 +147,10 @@ def convergence_part(args, out: Path) -> dict:
 
     labels = ["adamw_torch"] + [f"dash/{r}" for r in ROOTS]
     argv = ["--regimes", "scratch", "--optimizers", ",".join(labels), "--scratch-steps", str(args.scratch_steps),
-            "--scratch-adamw-lrs", "1e-3,3e-3", "--out", str(out)]
+            "--scratch-adamw-lrs", "3e-4,1e-3,3e-3", "--out", str(out)]
     for root in ROOTS:
         extra = "".join(f",{k}={v}" for k, v in ROOT_ARGS.get(root, {}).items())
-        argv += ["--optim-args", f"dash/{root}=inv_root={root}{extra}", "--scratch-lrs", f"dash/{root}=3e-3,1e-2"]
+        argv += ["--optim-args", f"dash/{root}=inv_root={root}{extra}", "--scratch-lrs", f"dash/{root}=1e-3,3e-3,1e-2"]
     convergence.main(argv)
     return json.loads(out.read_text())["scratch"]
 

@@ -120,7 +120,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "beta_lr": Hyper(float, 0.95, lambda v: 0 <= v < 1, "a float in [0, 1)"),
             "beta_g": Hyper(float, 0.9, lambda v: 0 <= v < 1, "a float in [0, 1)"),
             "beta_graft": Hyper(float, 0.95, lambda v: 0 <= v < 1, "a float in [0, 1)"),
-            "eps": Hyper(float, 1e-6, lambda v: v > 0, "a float > 0 (damping relative to the top eigenvalue)"),
+            "eps": Hyper(float, 1e-6, lambda v: v > 0, "a float > 0 (relative to λ_max)"),
             "graft_eps": Hyper(float, 1e-8, lambda v: v >= 0, "a float >= 0"),
             "newton_steps": Hyper(int, 10, lambda v: v >= 1, "an integer >= 1"),
             "cheby_degree": Hyper(int, 40, lambda v: v >= 1, "an integer >= 1"),
