@@ -4,10 +4,13 @@
    optimizer takes ``--warmup`` untimed steps, then ``--steps`` timed ones (inverse roots every
    ``--precond-freq`` steps, so the timed window holds root steps at that frequency):
 
+   (the optimizers take their steps in turn, round-robin, so a busy machine slows them alike):
+
    * ``adamw_torch`` (``torch.optim.AdamW``, the unit of the ratios),
    * ``dash`` with each inverse root (``ndb``, ``cn``, ``cheby``, ``evd``), blocks stacked,
    * ``dash block-loop evd``: the same algorithm one block at a time with eigendecompositions —
      the Distributed-Shampoo-style baseline the DASH paper measures against,
+   * on CUDA, ``dash ndb`` again with the torch twins instead of the Triton kernels,
    * Shampoo-family optimizers from PyPI where installed: pytorch-optimizer's ``ScalableShampoo``
      (Google's blocked Shampoo with grafting) and heavyball's ``SOAP``.
 
@@ -16,8 +19,8 @@
    block-loop baseline's mean over each row's (the speed-up of stacking). On a CPU heavyball runs
    without ``torch.compile`` (its autotuning takes minutes per shape there).
 2. **Convergence** — ``benchmarks/convergence.py``'s from-scratch regime (the quickstart task at
-   equal steps, each optimizer at its best lr of a small sweep) for AdamW and each root method;
-   with ``--parts convergence``. Its JSON is written next to this one.
+   equal steps, each optimizer at its best lr of a small sweep) for AdamW and each root method.
+   Its JSON is written next to this one (``--parts step`` skips it: it takes ~30 min on 2 cores).
 
     PYTHONPATH=. python benchmarks/dash.py                      # CPU: tiny Llama, blocks of 128
     PYTHONPATH=. python benchmarks/dash.py --size small --block-size 1024 --steps 50   # GPU
@@ -39,11 +42,13 @@ import transformers  # noqa: E402
 
 from hf_ista import state_bytes  # noqa: E402
 from hf_ista.data import MODEL_SIZES, tiny_llama  # noqa: E402
+from hf_ista.kernels import get_backend, set_backend  # noqa: E402
 from hf_ista.optim import DASH  # noqa: E402
 
 ROOTS = ("ndb", "cn", "cheby", "evd")
 # Chebyshev is accurate from a damping of about 1e-3 at degree 60 (tests/test_dash.py).
 ROOT_ARGS = {"cheby": dict(eps=1e-3, cheby_degree=60)}
+TORCH_KERNELS = "(torch kernels)"  # a row run with HF_ISTA_KERNELS=torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +76,8 @@ def optimizer_rows(args) -> list[tuple[str, callable]]:
     for root in ROOTS:
         rows.append((f"dash {root}", lambda ps, r=root: DASH(ps, inv_root=r, **dash, **ROOT_ARGS.get(r, {}))))
     rows.append(("dash block-loop evd", lambda ps: DASH(ps, inv_root="evd", batched=False, **dash)))
+    if torch.cuda.is_available():  # the Triton kernels against cuBLAS / torch elementwise ops
+        rows.append((f"dash ndb {TORCH_KERNELS}", lambda ps: DASH(ps, inv_root="ndb", **dash)))
     if common.package_version("pytorch_optimizer"):
         from pytorch_optimizer import ScalableShampoo
 
@@ -87,39 +94,67 @@ def optimizer_rows(args) -> list[tuple[str, callable]]:
     return rows
 
 
+class _Row:
+    """One optimizer of the step part: its own copy of the weights, its optimizer, its times."""
+
+    def __init__(self, label: str, make, weights: list[torch.Tensor]):
+        self.label, self.times, self.error = label, [], None
+        self.backend = "torch" if label.endswith(TORCH_KERNELS) else None
+        self.params = [torch.nn.Parameter(w.clone()) for w in weights]
+        self.opt = self._guard(lambda: make(self.params))
+
+    def _guard(self, fn):
+        saved = get_backend()
+        if self.backend:
+            set_backend(self.backend)
+        try:
+            return fn()
+        except Exception as err:  # a row that cannot run here keeps its error
+            self.error = f"{type(err).__name__}: {err}"
+        finally:
+            set_backend(saved)
+
+    def step(self, grads: list[torch.Tensor], timed: bool) -> None:
+        if self.error:
+            return
+        for p, g in zip(self.params, grads):
+            p.grad = g.clone()
+        common.sync()
+        start = time.perf_counter()
+        self._guard(self.opt.step)
+        common.sync()
+        if timed:
+            self.times.append(time.perf_counter() - start)
+
+
 def step_part(args, device) -> list[dict]:
     torch.manual_seed(args.seed)
     model = tiny_llama(args.size, seed=args.seed).to(device)
     x = torch.randint(0, 256, (args.batch, 128), device=device)
     model(input_ids=x, labels=x).loss.backward()
     grads = [p.grad.detach().clone() for p in model.parameters()]
+    weights = [p.detach() for p in model.parameters()]
     n_params = sum(p.numel() for p in model.parameters())
+    runs = [_Row(label, make, weights) for label, make in optimizer_rows(args)]
+    # Round-robin: every optimizer takes its step i before any takes step i + 1, so a busy machine
+    # slows all rows alike and the ratios stay fair.
+    for i in range(args.warmup + args.steps):
+        for run in runs:
+            run.step(grads, timed=i >= args.warmup)
     rows = []
-    for label, make in optimizer_rows(args):
-        params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
-        row = {"optim": label, "status": "ok"}
-        try:
-            opt = make(params)
-            times = []
-            for i in range(args.warmup + args.steps):
-                for p, g in zip(params, grads):
-                    p.grad = g.clone()
-                common.sync()
-                start = time.perf_counter()
-                opt.step()
-                common.sync()
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - start)
-            # Steps 1, 1 + f, 1 + 2f ... compute the inverse roots (DASH's start_step=1 and the peers' schedules).
-            roots = [s for i, s in enumerate(times, start=args.warmup) if i % args.precond_freq == 0]
-            others = [s for i, s in enumerate(times, start=args.warmup) if i % args.precond_freq]
-            row.update(step_mean_s=statistics.fmean(times), root_step_s=statistics.median(roots),
-                       other_step_s=statistics.median(others),
-                       state_bytes_per_param=state_bytes(opt) / n_params,
-                       finite=all(bool(torch.isfinite(p).all()) for p in params))
-        except Exception as err:  # a row that cannot run here keeps its error
-            row.update(status="error", error=f"{type(err).__name__}: {err}")
-        print(f"  {label}: {row.get('step_mean_s', float('nan')) * 1e3:.1f} ms", flush=True)
+    for run in runs:
+        row = {"optim": run.label, "status": "error" if run.error else "ok"}
+        if run.error:
+            row["error"] = run.error
+        else:
+            # DASH computes the inverse roots at steps 1, 1 + f, 1 + 2f ... (start_step=1).
+            steps = list(enumerate(run.times, start=args.warmup))
+            roots = [s for i, s in steps if i % args.precond_freq == 0]
+            others = [s for i, s in steps if i % args.precond_freq]
+            row.update(step_mean_s=statistics.fmean(run.times), state_bytes_per_param=state_bytes(run.opt) / n_params,
+                       finite=all(bool(torch.isfinite(p).all()) for p in run.params))
+            if run.label.startswith("dash") and roots and others:  # the peers keep schedules of their own
+                row.update(root_step_s=statistics.median(roots), other_step_s=statistics.median(others))
         rows.append(row)
     base = next(r for r in rows if r["optim"] == "adamw_torch")["step_mean_s"]
     loop = next((r for r in rows if r["optim"] == "dash block-loop evd" and r["status"] == "ok"), None)
