@@ -3,6 +3,7 @@ model, draws DyLoRA's rank once per training forward, and serves a chosen rank (
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -37,7 +38,15 @@ class MatryoshkaLoraModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter trains only once it is made active
         self._replace_module(parent, target_name, new_module, target)
 
-    def forward(self, *args: Any, **kwargs: Any):
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        # PeftModel.forward calls the wrapped model directly, inside this context: the one place a
+        # tuner sees each forward of the whole model.
+        if self.training:
+            self._draw_dylora_ranks()
+        yield
+
+    def forward(self, *args: Any, **kwargs: Any):  # the tuner called directly, without PeftModel
         if self.training:
             self._draw_dylora_ranks()
         return super().forward(*args, **kwargs)
