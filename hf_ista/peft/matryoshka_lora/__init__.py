@@ -3,8 +3,8 @@
 (the tuner). ``import hf_ista`` registers it with PEFT (:mod:`hf_ista.integrations.peft`).
 """
 from .config import MatryoshkaLoraConfig, default_train_ranks, matryoshka_diagonal, rank_scale
-from .layer import MatryoshkaLoraLayer, MatryoshkaLoraLinear, get_rank, set_rank
+from .layer import MatryoshkaLoraLayer, MatryoshkaLoraLinear, get_rank, serving_rank, set_rank
 from .model import MatryoshkaLoraModel
 
 __all__ = ["MatryoshkaLoraConfig", "MatryoshkaLoraLayer", "MatryoshkaLoraLinear", "MatryoshkaLoraModel",
-           "default_train_ranks", "get_rank", "matryoshka_diagonal", "rank_scale", "set_rank"]
+           "default_train_ranks", "get_rank", "matryoshka_diagonal", "rank_scale", "serving_rank", "set_rank"]

@@ -10,6 +10,7 @@ adapter's mode) or the rank ``r'`` it serves (``y = W0 x + m(r') x A[:r']^T B[:,
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 import warnings
 from typing import Any, Optional
 
@@ -208,3 +209,15 @@ def get_rank(model: nn.Module, adapter_name: Optional[str] = None) -> Optional[i
         if name in layer.serve_rank:
             return layer.serve_rank[name]
     raise ValueError(f"get_rank: no MatryoshkaLoRA layer holds adapter {adapter_name!r}")
+
+
+@contextmanager
+def serving_rank(model: nn.Module, rank: Optional[int]):
+    """``set_rank(model, rank)`` for the block, then every layer's ranks exactly as they were."""
+    saved = [(layer, dict(layer.serve_rank)) for layer in matryoshka_layers(model)]
+    try:
+        set_rank(model, rank)
+        yield
+    finally:
+        for layer, ranks in saved:
+            layer.serve_rank.update(ranks)
