@@ -186,6 +186,20 @@ def test_only_the_adapter_trains_and_bias_lora_only():
     assert all("matryoshka_lora_" in n for n in trainable) and len(trainable) == 8  # Llama q/v have no bias
 
 
+def test_modules_to_save_train_and_round_trip(tmp_path):
+    model = _peft(modules_to_save=["lm_head"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lm_head.modules_to_save.default" in n for n in trainable)
+    with torch.no_grad():
+        head = next(p for n, p in model.named_parameters() if "lm_head.modules_to_save.default" in n)
+        head.add_(0.5)  # a trained head differs from the base's
+        want = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama("nano", seed=0), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, want)
+
+
 def test_bad_arguments_are_value_errors():
     for kwargs, match in [({"r": 0}, "r=0"), ({"mode": "x"}, "mode='x'"), ({"rank_scaling": "log"}, "rank_scaling"),
                           ({"train_ranks": [4, 2]}, "train_ranks"), ({"train_ranks": [16]}, "train_ranks"),
