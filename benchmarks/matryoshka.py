@@ -8,6 +8,10 @@ The base is pretrained here first, as ``recipes/quickstart.yaml`` would (AdamW, 
 stdlib modules, ``--pretrain-steps``), so the adapters fine-tune a model that already knows Python.
 Every mode starts from that base with the same seed, data order, steps and learning rate.
 
+Each trained adapter is then served at every rank by both rules of ``set_rank`` (``truncate``, the
+default: the trained forward cut to rank r'; ``rescale``: the rank-r' member alone on its own scale
+m(r'), ALGORITHMS.md's rule), on the whole eval split.
+
 Prints a table (eval loss per served rank, AURAC on the log2 and linear rank axes, seconds) and
 writes JSON (default ``benchmarks/results/matryoshka-cpu.json``).
 
@@ -54,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=3, help="evaluations during fine-tuning")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-dir", type=Path, default=None,
+                   help="reuse (or keep) the pretrained base here instead of a temporary directory")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
 
@@ -67,14 +73,37 @@ def pretrain(args, out_dir: Path) -> dict:
     return train.run(recipe, targs)
 
 
-def base_loss(model_dir: Path, recipe, targs) -> float:
-    """Eval loss of the pretrained base on the fine-tuning eval split (the rank-0 point)."""
-    from transformers import AutoModelForCausalLM, Trainer
+def eval_split(recipe, targs):
+    return hf_ista.data.load_corpus(recipe.corpus, recipe.block_size, recipe.max_bytes, recipe.eval_fraction,
+                                    seed=targs.seed)["eval"]
 
-    data = hf_ista.data.load_corpus(recipe.corpus, recipe.block_size, recipe.max_bytes, recipe.eval_fraction,
-                                    seed=targs.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return Trainer(model=model, args=targs, eval_dataset=data["eval"]).evaluate()["eval_loss"]
+
+@torch.no_grad()
+def mean_loss(model, eval_set, batch_size: int) -> float:
+    """Per-batch mean loss weighted by batch size, as the Trainer and the AURAC callback average."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(eval_set), batch_size):
+        batch = eval_set[start:start + batch_size]
+        ids = torch.tensor(batch["input_ids"])
+        total += float(model(input_ids=ids, labels=torch.tensor(batch["labels"])).loss) * len(ids)
+        count += len(ids)
+    return total / count
+
+
+def served_losses(base_dir: Path, adapter_dir: Path, eval_set, ranks: list[int], batch_size: int) -> dict:
+    """``{rule: [loss at each rank]}`` of the saved adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    out = {}
+    for rule in ("truncate", "rescale"):
+        out[rule] = []
+        for r in ranks:
+            model.set_rank(r, rule=rule)
+            out[rule].append(mean_loss(model, eval_set, batch_size))
+    return out
 
 
 def finetune(args, mode: str, base_dir: Path, out_dir: Path, ranks: list[int]):
@@ -88,11 +117,13 @@ def finetune(args, mode: str, base_dir: Path, out_dir: Path, ranks: list[int]):
 
 
 def format_table(rows: list[dict], ranks: list[int], base: float) -> str:
-    header = ["mode", *[f"r={r}" for r in ranks], "AURAC log2", "AURAC lin", "train s"]
-    lines = [header, ["base (no adapter)", *[f"{base:.4f}"] * len(ranks), f"{base:.4f}", f"{base:.4f}", ""]]
+    header = ["mode", "serve rule", *[f"r={r}" for r in ranks], "AURAC log2", "AURAC lin", "train s"]
+    lines = [header, ["base (no adapter)", "", *[f"{base:.4f}"] * len(ranks), f"{base:.4f}", f"{base:.4f}", ""]]
     for row in rows:
-        lines.append([row["mode"], *[f"{row['rank_loss'][str(r)]:.4f}" for r in ranks], f"{row['aurac_log2']:.4f}",
-                      f"{row['aurac_linear']:.4f}", f"{row['train_seconds']:.0f}"])
+        for rule, served in row["served"].items():
+            lines.append([row["mode"], rule, *[f"{served['rank_loss'][str(r)]:.4f}" for r in ranks],
+                          f"{served['aurac_log2']:.4f}", f"{served['aurac_linear']:.4f}",
+                          f"{row['train_seconds']:.0f}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -110,25 +141,40 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        base_dir = args.base_dir or tmp / "base"
         start = time.perf_counter()
-        pre = pretrain(args, tmp / "base")
+        if (base_dir / "config.json").is_file():
+            print(f"reusing the pretrained base in {base_dir}", flush=True)
+        else:
+            pre = pretrain(args, base_dir)
+            print(f"pretrained base: {pre['steps']} steps, {time.perf_counter() - start:.0f} s", flush=True)
         pretrain_s = time.perf_counter() - start
-        print(f"pretrained base: {pre['steps']} steps, {pretrain_s:.0f} s", flush=True)
-        base = None
+        base = eval_set = None
         for mode in modes:
-            recipe, targs, result = finetune(args, mode, tmp / "base", tmp / mode, ranks)
+            recipe, targs, result = finetune(args, mode, base_dir, tmp / mode, ranks)
             if base is None:
-                base = base_loss(tmp / "base", recipe, targs)
-            losses = [result["rank_metrics"][r]["loss"] for r in ranks]
+                from transformers import AutoModelForCausalLM
+
+                eval_set = eval_split(recipe, targs)
+                base = mean_loss(AutoModelForCausalLM.from_pretrained(base_dir), eval_set,
+                                 targs.per_device_eval_batch_size)
+            served = served_losses(base_dir, tmp / mode, eval_set, ranks, targs.per_device_eval_batch_size)
+            callback_losses = [result["rank_metrics"][r]["loss"] for r in ranks]  # truncate, during training
             rows.append({
-                "mode": mode, "rank_loss": {str(r): v for r, v in zip(ranks, losses)},
-                "aurac_log2": aurac(ranks, losses, "log2"), "aurac_linear": aurac(ranks, losses, "linear"),
+                "mode": mode,
+                "served": {rule: {"rank_loss": {str(r): v for r, v in zip(ranks, losses)},
+                                  "aurac_log2": aurac(ranks, losses, "log2"),
+                                  "aurac_linear": aurac(ranks, losses, "linear")}
+                           for rule, losses in served.items()},
+                "callback_rank_loss": {str(r): v for r, v in zip(ranks, callback_losses)},
+                "callback_aurac_log2": result["aurac"],
                 "eval_loss_training_forward": result["eval_loss"], "train_seconds": result["train_seconds"],
                 "steps": result["steps"], "trainable_params": result["params"],
                 "aurac_per_eval": [{"step": h["step"], "eval_aurac": h["eval_aurac"]}
                                    for h in result["log_history"] if "eval_aurac" in h],
             })
-            print(f"{mode}: AURAC(log2) {rows[-1]['aurac_log2']:.4f}", flush=True)
+            print(f"{mode}: AURAC(log2) truncate {rows[-1]['served']['truncate']['aurac_log2']:.4f}, rescale "
+                  f"{rows[-1]['served']['rescale']['aurac_log2']:.4f} (callback {result['aurac']:.4f})", flush=True)
     table = format_table(rows, ranks, base)
     print("\n" + table + "\n", flush=True)
     report = {

@@ -70,8 +70,10 @@ def test_callback_logs_every_rank_and_aurac_and_restores_the_rank(tmp_path):
         losses = [h[f"eval_rank{r}_loss"] for r in ranks]
         assert h["eval_aurac"] == pytest.approx(aurac(ranks, losses, "log2"))
         assert all(0 <= h[f"eval_rank{r}_accuracy"] <= 1 for r in ranks)
-        # the Trainer's own eval_loss ran at the training rank, which is not any single rank here
-        assert all(abs(h["eval_loss"] - v) > 1e-7 for v in losses)
+        # serving r (serve_rule 'truncate') is the training forward the Trainer's own eval_loss ran;
+        # the lower ranks are other models
+        assert h["eval_rank8_loss"] == pytest.approx(h["eval_loss"], rel=1e-6)
+        assert all(abs(h["eval_loss"] - v) > 1e-4 for v in losses[:3])
     # metric_for_best_model="aurac" picked the lowest AURAC
     assert trainer.state.best_metric == pytest.approx(min(h["eval_aurac"] for h in evals))
 

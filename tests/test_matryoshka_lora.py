@@ -57,11 +57,17 @@ def test_training_forward_is_the_mean_of_the_servable_rank_models(scaling):
     w0 = layer.get_base_layer()(x)
     m = lambda t: (alpha / r if scaling == "none" else alpha) * _s(t, scaling)  # noqa: E731
     served = {t: w0 + m(t) * x @ A[:t].T @ B[:, :t].T for t in ranks}
-    torch.testing.assert_close(layer(x), sum(served.values()) / len(ranks), rtol=1e-5, atol=1e-5)
+    trained = sum(served.values()) / len(ranks)
+    torch.testing.assert_close(layer(x), trained, rtol=1e-5, atol=1e-5)
     for t in (1, 3, 8):
-        layer.set_rank(t, "default")
-        want = w0 + m(t) * x @ A[:t].T @ B[:, :t].T
-        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+        # 'rescale': the rank-t member alone, m(t) x A[:t] B[:t]
+        layer.set_rank(t, "default", rule="rescale")
+        torch.testing.assert_close(layer(x), w0 + m(t) * x @ A[:t].T @ B[:, :t].T, rtol=1e-5, atol=1e-5)
+        # 'truncate' (default): every member of the mean cut to rank t
+        layer.set_rank(t, "default", rule="truncate")
+        cut = sum(m(u) * x @ A[:min(u, t)].T @ B[:, :min(u, t)].T for u in ranks) / len(ranks)
+        torch.testing.assert_close(layer(x), w0 + cut, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), trained, rtol=1e-5, atol=1e-5)  # rank r, truncated: the trained forward
 
 
 @pytest.mark.parametrize("scaling, lora_kwargs", [("rank", {}), ("none", {}), ("sqrt", {"use_rslora": True})])
@@ -166,18 +172,21 @@ def test_dylora_draws_one_rank_per_forward_for_all_layers():
         rank = drawn.pop()
         seen.add(rank)
         model.eval()
-        model.set_rank(rank)
+        model.set_rank(rank, rule="rescale")  # the drawn member alone
         with torch.no_grad():
             torch.testing.assert_close(out.detach(), model(IDS).logits, rtol=1e-5, atol=1e-5)
         model.set_rank(None)
         model.train()
     assert seen <= {1, 2, 4, 8} and len(seen) >= 3
-    # outside training a dylora adapter serves its full rank
+    # outside training a dylora adapter runs the mean of its draws: the matryoshka forward
     model.eval()
+    matryoshka = _peft(mode="matryoshka", train_ranks=[1, 2, 4, 8])
+    matryoshka.load_state_dict(model.state_dict())
     with torch.no_grad():
-        full = model(IDS).logits
-        model.set_rank(8)
-        assert torch.equal(model(IDS).logits, full)
+        mean = model(IDS).logits
+        torch.testing.assert_close(mean, matryoshka(IDS).logits, rtol=0, atol=0)
+        model.set_rank(8, rule="truncate")
+        assert torch.equal(model(IDS).logits, mean)
 
 
 def test_only_the_adapter_trains_and_bias_lora_only():
@@ -203,13 +212,16 @@ def test_modules_to_save_train_and_round_trip(tmp_path):
 def test_bad_arguments_are_value_errors():
     for kwargs, match in [({"r": 0}, "r=0"), ({"mode": "x"}, "mode='x'"), ({"rank_scaling": "log"}, "rank_scaling"),
                           ({"train_ranks": [4, 2]}, "train_ranks"), ({"train_ranks": [16]}, "train_ranks"),
-                          ({"bias": "some"}, "bias"), ({"lora_dropout": 1.5}, "lora_dropout")]:
+                          ({"bias": "some"}, "bias"), ({"lora_dropout": 1.5}, "lora_dropout"),
+                          ({"serve_rule": "cut"}, "serve_rule")]:
         with pytest.raises(ValueError, match=match):
             MatryoshkaLoraConfig(**{"r": 8, **kwargs})
     model = _peft()
     for bad in (0, 9, 2.0):
         with pytest.raises(ValueError, match="rank="):
             model.set_rank(bad)
+    with pytest.raises(ValueError, match="rule='cut'"):
+        model.set_rank(2, rule="cut")
     with pytest.raises(ValueError, match="target_modules"):
         get_peft_model(tiny_llama("nano"), MatryoshkaLoraConfig(r=4, target_modules=["embed_tokens"]))
 

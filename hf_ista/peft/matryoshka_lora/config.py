@@ -2,10 +2,8 @@
 follows from it (training ranks, per-rank scales, the fixed diagonal P).
 
 Notation (PEFT's layout): ``A`` is ``(r, in)``, ``B`` is ``(out, r)``; the rank-``t`` prefix is
-``A[:t]``, ``B[:, :t]`` and ``delta_t(x) = x A[:t]^T B[:, :t]^T``.
-
-**The model served at rank t** (after ``set_rank(t)``) is ``y = W0 x + m(t) * delta_t(x)`` with
-the per-rank multiplier ``m(t) = base_scale * s(t)``:
+``A[:t]``, ``B[:, :t]`` and ``delta_t(x) = x A[:t]^T B[:, :t]^T``. Each rank ``t`` has a multiplier
+``m(t) = base_scale * s(t)``:
 
 =============  ======  ===============  ====================================================
 rank_scaling   s(t)    base_scale       m(t)
@@ -15,19 +13,33 @@ rank_scaling   s(t)    base_scale       m(t)
 ``sqrt``       1 / √t  lora_alpha       lora_alpha / √t (rsLoRA's alpha/√r rule at each rank)
 =============  ======  ===============  ====================================================
 
-so at ``t = r`` each is exactly PEFT's LoRA (``none``, ``rank``) or rsLoRA (``sqrt``) scaling.
+so ``m(r)`` is exactly PEFT's LoRA (``none``, ``rank``) or rsLoRA (``sqrt``) scaling.
 
-**Training** (rank not set) makes the model the *mean* of the servable models of its training
-ranks ``S``: ``y = W0 x + (1/|S|) Σ_{t∈S} m(t) delta_t(x) = W0 x + (base_scale/|S|) x A^T diag(P) B^T``
-with ``P_i = Σ_{t∈S, t≥i} s(t)`` (:func:`matryoshka_diagonal`), every prefix getting gradient in
-every step. Dividing by ``|S|`` is the normalisation that makes serving match training: when the
-rank-``t`` models agree (what the objective pushes towards) the trained model *is* each of them, and
-the output scale does not grow with the number of training ranks. The modes are choices of ``S``:
+**Training** (no rank set) runs the *mean* of the rank-``t`` models of the training ranks ``S``:
+``y = W0 x + (1/|S|) Σ_{t∈S} m(t) delta_t(x) = W0 x + (base_scale/|S|) x A^T diag(P) B^T`` with
+``P_i = Σ_{t∈S, t≥i} s(t)`` (:func:`matryoshka_diagonal`): one forward, every prefix gets gradient
+in every step. Dividing by ``|S|`` keeps the output scale from growing with the number of training
+ranks. The modes are choices of ``S``:
 
 * ``matryoshka``: ``S = train_ranks`` (default: powers of two up to ``r``, ``r`` included);
 * ``lora``: ``S = {r}``, so ``P = s(r) * 1``: plain LoRA;
 * ``dylora``: ``S = {t}`` with one ``t`` drawn uniformly from ``train_ranks`` per training forward
-  (the same ``t`` in every layer); in eval mode it serves rank ``r``.
+  (the same ``t`` in every layer); outside training it runs the mean of its draws, which is the
+  ``matryoshka`` forward.
+
+**Serving rank r'** (``set_rank(r')``), by ``serve_rule``:
+
+* ``truncate`` (default): the training forward cut to its first ``r'`` directions,
+  ``y = W0 x + c x A[:r']^T diag(D[:r']) B[:, :r']^T`` where ``c * D`` is the mode's training
+  diagonal (``matryoshka``/``dylora``: ``(base_scale/|S|) P``; ``lora``: ``m(r) * 1``). Equivalently
+  ``(1/|S|) Σ_{t∈S} m(t) delta_{min(t, r')}``: every model of the trained mean cut to ``r'``. This is
+  the normalisation that matches the training objective: serving ``r' = r`` *is* the trained
+  forward, and a lower rank drops the directions with the smallest weights ``P_i``.
+* ``rescale``: ``y = W0 x + m(r') delta_{r'}(x)`` (ALGORITHMS.md's inference rule): the rank-``r'``
+  member alone on its own scale — exactly what DyLoRA trains when it draws ``r'``, but for
+  ``matryoshka`` not what was trained: the member weighs its directions ``m(r')`` where the mean
+  weighs them ``(base_scale/|S|) P_i`` (measured in ``benchmarks/matryoshka.py``: far worse at
+  high ranks).
 
 P follows from the config and is never saved.
 """
@@ -43,6 +55,7 @@ from peft.config import PeftConfig
 MODES = ("matryoshka", "lora", "dylora")
 RANK_SCALINGS = ("none", "rank", "sqrt")
 BIASES = ("none", "all", "lora_only")
+SERVE_RULES = ("truncate", "rescale")
 PEFT_TYPE = "MATRYOSHKA_LORA"
 
 
@@ -91,6 +104,8 @@ class MatryoshkaLoraConfig(PeftConfig):
         train_ranks: the ranks trained (``matryoshka``) or sampled (``dylora``); default powers of
             two up to ``r``, ``r`` included. Sorted, unique, in ``[1, r]``.
         rank_scaling: ``none``, ``rank`` or ``sqrt``: ``s(t)`` and the multiplier ``m(t)``.
+        serve_rule: ``truncate`` (default: the trained forward cut to rank r') or ``rescale``
+            (the rank-r' member on its own scale ``m(r')``); ``set_rank(r', rule=...)`` overrides it.
         lora_alpha, lora_dropout, bias, target_modules, exclude_modules, modules_to_save,
         layers_to_transform, layers_pattern: as in PEFT's ``LoraConfig`` (``bias='lora_only'``
             trains the biases of the adapted layers).
@@ -105,6 +120,8 @@ class MatryoshkaLoraConfig(PeftConfig):
         default=None, metadata={"help": "ranks trained together; default powers of two up to r, r included"})
     rank_scaling: Literal["none", "rank", "sqrt"] = field(
         default="sqrt", metadata={"help": f"per-rank scale s(t), one of {RANK_SCALINGS}"})
+    serve_rule: Literal["truncate", "rescale"] = field(
+        default="truncate", metadata={"help": f"how set_rank(r') serves rank r', one of {SERVE_RULES}"})
     lora_alpha: float = field(default=8, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
     target_modules: Optional[Union[list[str], str]] = field(
@@ -133,6 +150,8 @@ class MatryoshkaLoraConfig(PeftConfig):
             raise ValueError(f"mode={self.mode!r} is invalid: expected one of {MODES}")
         if self.rank_scaling not in RANK_SCALINGS:
             raise ValueError(f"rank_scaling={self.rank_scaling!r} is invalid: expected one of {RANK_SCALINGS}")
+        if self.serve_rule not in SERVE_RULES:
+            raise ValueError(f"serve_rule={self.serve_rule!r} is invalid: expected one of {SERVE_RULES}")
         if self.bias not in BIASES:
             raise ValueError(f"bias={self.bias!r} is invalid: expected one of {BIASES}")
         if not 0 <= self.lora_dropout < 1:
@@ -152,8 +171,3 @@ class MatryoshkaLoraConfig(PeftConfig):
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform")
-
-    @property
-    def active_ranks(self) -> list[int]:
-        """``S`` of the training forward: ``train_ranks`` (matryoshka, dylora's pool) or ``[r]`` (lora)."""
-        return [self.r] if self.mode == "lora" else list(self.train_ranks)

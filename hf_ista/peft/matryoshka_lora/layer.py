@@ -3,8 +3,8 @@ that adds ``scale * x A[:r']^T diag(d) B[:, :r']^T`` to the base output (the mat
 ``scale`` and ``r'`` are in each mode, is in :mod:`.config`).
 
 The rank a layer runs at is state: ``serve_rank[adapter]`` is ``None`` (the training forward of the
-adapter's mode) or the rank ``r'`` it serves (``y = W0 x + m(r') x A[:r']^T B[:, :r']^T``), set with
-:func:`set_rank`. The adapter path is :func:`hf_ista.kernels.matryoshka_lora.matryoshka_lora`
+adapter's mode) or the rank ``r'`` it serves, by ``serve_rule[adapter]`` (``truncate`` or
+``rescale``, :mod:`.config`), both set with :func:`set_rank`. The adapter path is :func:`hf_ista.kernels.matryoshka_lora.matryoshka_lora`
 (Triton on CUDA, its torch twin elsewhere).
 """
 from __future__ import annotations
@@ -20,20 +20,21 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...kernels.matryoshka_lora import matryoshka_lora
-from .config import MatryoshkaLoraConfig, base_scale, matryoshka_diagonal, rank_scale
+from .config import SERVE_RULES, MatryoshkaLoraConfig, base_scale, matryoshka_diagonal, rank_scale
 
 
 class MatryoshkaLoraLayer(BaseTunerLayer):
     """What every MatryoshkaLoRA layer holds, per adapter name."""
 
     adapter_layer_names = ("matryoshka_lora_A", "matryoshka_lora_B")
-    other_param_names = ("r", "settings", "serve_rank", "sampled_rank", "matryoshka_lora_dropout")
+    other_param_names = ("r", "settings", "serve_rank", "serve_rule", "sampled_rank", "matryoshka_lora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.settings: dict[str, MatryoshkaLoraConfig] = {}  # mode, ranks, scaling of each adapter
         self.serve_rank: dict[str, Optional[int]] = {}
+        self.serve_rule: dict[str, str] = {}
         self.sampled_rank: dict[str, Optional[int]] = {}  # dylora: set by the tuner for each training forward
         self.matryoshka_lora_A = nn.ParameterDict({})  # (r, in)
         self.matryoshka_lora_B = nn.ParameterDict({})  # (out, r)
@@ -55,6 +56,7 @@ class MatryoshkaLoraLayer(BaseTunerLayer):
         self.r[adapter_name] = r
         self.settings[adapter_name] = config
         self.serve_rank[adapter_name] = None
+        self.serve_rule[adapter_name] = config.serve_rule
         self.sampled_rank[adapter_name] = None
         self.matryoshka_lora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
         self.matryoshka_lora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))
@@ -71,8 +73,9 @@ class MatryoshkaLoraLayer(BaseTunerLayer):
 
     # -- the rank -------------------------------------------------------------------------------
 
-    def set_rank(self, rank: Optional[int], adapter_name: str) -> None:
-        """Serve ``adapter_name`` at ``rank`` (``None``: back to its training forward)."""
+    def set_rank(self, rank: Optional[int], adapter_name: str, rule: Optional[str] = None) -> None:
+        """Serve ``adapter_name`` at ``rank`` (``None``: back to its training forward), by ``rule``
+        (``truncate`` | ``rescale``; ``None`` keeps the current one, first the config's ``serve_rule``)."""
         if self.merged:
             raise ValueError("set_rank on a merged adapter: unmerge it first (merge_and_unload merges the "
                              "current rank once and for all)")
@@ -80,33 +83,41 @@ class MatryoshkaLoraLayer(BaseTunerLayer):
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= r):
             raise ValueError(f"rank={rank!r} is invalid for adapter {adapter_name!r}: expected an integer in [1, {r}] "
                              f"or None (the training rank)")
+        if rule is not None and rule not in SERVE_RULES:
+            raise ValueError(f"rule={rule!r} is invalid: expected one of {SERVE_RULES}")
         self.serve_rank[adapter_name] = rank
+        if rule is not None:
+            self.serve_rule[adapter_name] = rule
 
     def _terms(self, adapter: str, device: torch.device) -> tuple[int, torch.Tensor, float]:
-        """``(r', d, scale)`` of the adapter's current forward."""
+        """``(r', d, scale)`` of the adapter's current forward (the rules: :mod:`.config`)."""
         cfg, r = self.settings[adapter], self.r[adapter]
-        scale = base_scale(cfg.lora_alpha, r, cfg.rank_scaling)
+        base = base_scale(cfg.lora_alpha, r, cfg.rank_scaling)
         rank = self.serve_rank[adapter]
-        if rank is None and cfg.mode == "matryoshka":
-            return r, self._diagonal(adapter, "P", device), scale / len(cfg.train_ranks)
         if rank is None and cfg.mode == "dylora" and self.training:
             rank = self.sampled_rank[adapter]
             if rank is None:
                 raise RuntimeError("mode='dylora' draws one rank per training forward for the whole model; that "
                                    "needs the PEFT model of get_peft_model(...) (or set_rank before training)")
-        if rank is None:  # lora, or dylora outside training: the full rank
-            rank = r
-        return rank, self._diagonal(adapter, rank, device), scale
+            return rank, self._diagonal(adapter, ("member", rank), device), base
+        if rank is not None and self.serve_rule[adapter] == "rescale":
+            return rank, self._diagonal(adapter, ("member", rank), device), base
+        # the training diagonal (dylora: the mean of its draws), truncated to the rank served
+        rank = r if rank is None else rank
+        if cfg.mode == "lora":
+            return rank, self._diagonal(adapter, ("member", r), device)[:rank], base
+        return rank, self._diagonal(adapter, ("P",), device)[:rank], base / len(cfg.train_ranks)
 
-    def _diagonal(self, adapter: str, key, device: torch.device) -> torch.Tensor:
-        """``P`` (key ``"P"``) or ``s(t) * 1`` of length ``t`` (key ``t``), built once per device."""
+    def _diagonal(self, adapter: str, key: tuple, device: torch.device) -> torch.Tensor:
+        """``P`` (key ``("P",)``) or ``s(t) * 1`` of length ``t`` (key ``("member", t)``), built once
+        per device."""
         cache = (adapter, key, device)
         if cache not in self._diagonals:
             cfg = self.settings[adapter]
-            if key == "P":
+            if key[0] == "P":
                 d = matryoshka_diagonal(self.r[adapter], cfg.train_ranks, cfg.rank_scaling)
             else:
-                d = torch.full((key,), rank_scale(key, cfg.rank_scaling), dtype=torch.float32)
+                d = torch.full((key[1],), rank_scale(key[1], cfg.rank_scaling), dtype=torch.float32)
             self._diagonals[cache] = d.to(device)
         return self._diagonals[cache]
 
@@ -187,8 +198,10 @@ def matryoshka_layers(model: nn.Module) -> list[MatryoshkaLoraLayer]:
     return [m for m in model.modules() if isinstance(m, MatryoshkaLoraLayer)]
 
 
-def set_rank(model: nn.Module, rank: Optional[int], adapter_names: Optional[list[str]] = None) -> None:
-    """Serve every MatryoshkaLoRA layer of ``model`` at ``rank`` (``None``: the training forward).
+def set_rank(model: nn.Module, rank: Optional[int], adapter_names: Optional[list[str]] = None,
+             rule: Optional[str] = None) -> None:
+    """Serve every MatryoshkaLoRA layer of ``model`` at ``rank`` (``None``: the training forward), by
+    ``rule`` (``truncate`` | ``rescale``, see :mod:`.config`; ``None``: as before, first the config's).
 
     Works on a ``PeftModel`` and on a transformers model with adapters from ``load_adapter``;
     ``adapter_names`` defaults to each layer's active adapters.
@@ -199,7 +212,7 @@ def set_rank(model: nn.Module, rank: Optional[int], adapter_names: Optional[list
     for layer in layers:
         for name in adapter_names or layer.active_adapters:
             if name in layer.r:
-                layer.set_rank(rank, name)
+                layer.set_rank(rank, name, rule)
 
 
 def get_rank(model: nn.Module, adapter_name: Optional[str] = None) -> Optional[int]:
@@ -214,10 +227,11 @@ def get_rank(model: nn.Module, adapter_name: Optional[str] = None) -> Optional[i
 @contextmanager
 def serving_rank(model: nn.Module, rank: Optional[int]):
     """``set_rank(model, rank)`` for the block, then every layer's ranks exactly as they were."""
-    saved = [(layer, dict(layer.serve_rank)) for layer in matryoshka_layers(model)]
+    saved = [(layer, dict(layer.serve_rank), dict(layer.serve_rule)) for layer in matryoshka_layers(model)]
     try:
         set_rank(model, rank)
         yield
     finally:
-        for layer, ranks in saved:
+        for layer, ranks, rules in saved:
             layer.serve_rank.update(ranks)
+            layer.serve_rule.update(rules)

@@ -64,9 +64,11 @@ class MatryoshkaLoraModel(BaseTuner):
                 if name in layer.sampled_rank:
                     layer.sampled_rank[name] = rank
 
-    def set_rank(self, rank: Optional[int], adapter_names: Optional[list[str]] = None) -> None:
-        """Serve the rank-``rank`` prefix (``None``: the training forward of the adapter's mode)."""
-        set_rank(self.model, rank, adapter_names or self.active_adapters)
+    def set_rank(self, rank: Optional[int], adapter_names: Optional[list[str]] = None,
+                 rule: Optional[str] = None) -> None:
+        """Serve the rank-``rank`` prefix (``None``: the training forward of the adapter's mode) by
+        ``rule`` (``truncate`` | ``rescale``; ``None``: as before, first the config's ``serve_rule``)."""
+        set_rank(self.model, rank, adapter_names or self.active_adapters, rule)
 
     def get_rank(self, adapter_name: Optional[str] = None) -> Optional[int]:
         return get_rank(self.model, adapter_name or self.active_adapters[0])
