@@ -15,7 +15,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -48,8 +48,11 @@ class MatryoshkaLoraLayer(BaseTunerLayer):
         if not isinstance(base, (nn.Linear, Conv1D)):
             raise ValueError(f"MatryoshkaLoRA targets nn.Linear and transformers' Conv1D, got {type(base).__name__}; "
                              f"choose target_modules that name such layers")
-        self.in_features, self.out_features = _get_in_out_features(base)
         self.conv1d = isinstance(base, Conv1D)  # weight stored (in, out): merge transposes
+        if self.conv1d:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(self, adapter_name: str, config: MatryoshkaLoraConfig) -> None:
         r = config.r

@@ -40,8 +40,8 @@ class MatryoshkaLoraModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        # PeftModel.forward calls the wrapped model directly, inside this context: the one place a
-        # tuner sees each forward of the whole model.
+        # PeftModel.forward calls the wrapped model directly, inside this context (the hook PEFT's own
+        # LoRA uses for mixed-adapter batches): the one place a tuner sees each whole-model forward.
         if self.training:
             self._draw_dylora_ranks()
         yield
