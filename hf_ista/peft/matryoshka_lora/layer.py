@@ -4,14 +4,14 @@ that adds ``scale * x A[:r']^T diag(d) B[:, :r']^T`` to the base output (the mat
 
 The rank a layer runs at is state: ``serve_rank[adapter]`` is ``None`` (the training forward of the
 adapter's mode) or the rank ``r'`` it serves, by ``serve_rule[adapter]`` (``truncate`` or
-``rescale``, :mod:`.config`), both set with :func:`set_rank`. The adapter path is :func:`hf_ista.kernels.matryoshka_lora.matryoshka_lora`
-(Triton on CUDA, its torch twin elsewhere).
+``rescale``, :mod:`.config`), both set with :func:`set_rank`. The adapter path is
+:func:`hf_ista.kernels.matryoshka_lora.matryoshka_lora` (Triton on CUDA, its torch twin elsewhere).
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 import warnings
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
