@@ -94,7 +94,11 @@ class AURACCallback(TrainerCallback):
         added[f"{prefix}_aurac"] = aurac(self.ranks, curve, self.axis)
         metrics.update(added)
         _add_to_log_history(state, prefix, added)
-        self.history.append({"step": state.global_step, "prefix": prefix, "values": values})
+        entry = {"step": state.global_step, "prefix": prefix, "values": values}
+        if self.history and (self.history[-1]["step"], self.history[-1]["prefix"]) == (entry["step"], prefix):
+            self.history[-1] = entry  # evaluate() again at the same step (e.g. after train()): one curve
+        else:
+            self.history.append(entry)
         if state.is_world_process_zero:
             self.plot(Path(args.output_dir) / self.plot_name)
 
