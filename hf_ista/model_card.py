@@ -43,5 +43,20 @@ def write_model_card(path: Path, recipe_path: str, recipe: dict, results: list[d
         results_table=table, hf_ista_version=hf_ista.__version__,
         transformers_version=transformers.__version__, torch_version=torch.__version__,
     )
+    if main.get("rank_metrics"):
+        text += rank_metric_section(main)
     Path(path).write_text(text)
     return text
+
+
+def rank_metric_section(result: dict, template: str = "rank_metric.md") -> str:
+    """The rank -> eval metrics table of a run whose AURAC callback measured every rank."""
+    table = result["rank_metrics"]
+    names = sorted({name for row in table.values() for name in row})
+    rows = [[f"{r}", *[f"{table[r][n]:.4f}" if n in table[r] else "" for n in names]] for r in table]
+    aurac_spec = next((spec["aurac"] for spec in result.get("callbacks") or [] if "aurac" in spec), None) or {}
+    adapter = ", ".join(f"{k}={v}" for k, v in (result.get("adapter") or {}).items())
+    return string.Template((template_dir() / template).read_text()).substitute(
+        adapter=adapter, rank_table=markdown_table(["rank", *[f"eval {n}" for n in names]], rows),
+        axis=aurac_spec.get("axis", "log2"), aurac="n/a" if result.get("aurac") is None else f"{result['aurac']:.4f}",
+    )

@@ -6,6 +6,10 @@ A recipe is one flat YAML file: the model and data keys of :class:`RecipeArgumen
     hf_ista:
       baselines:                 # the same recipe again with these keys changed, for comparison
         - {optim: adamw_torch, learning_rate: 0.003}
+      adapter:                   # train a PEFT adapter instead of the whole model (ADAPTERS)
+        {type: matryoshka_lora, r: 16, target_modules: [q_proj, v_proj]}
+      callbacks:                 # Trainer callbacks, each {name: kwargs} (CALLBACKS)
+        - {aurac: {ranks: [1, 2, 4, 8, 16]}}
 
 Every run trains the plain ``transformers.Trainer``. The main process then prints a table (eval
 loss, optimizer state bytes per parameter) and writes ``loss_curve.png`` and a model card
@@ -14,6 +18,7 @@ loss, optimizer state bytes per parameter) and writes ``loss_curve.png`` and a m
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
 import sys
@@ -28,6 +33,44 @@ import hf_ista
 from hf_ista.data import MODEL_SIZES, load_corpus, tiny_llama
 from hf_ista.integrations.transformers import OPTIMIZERS, optimizer_kwargs, parse_optim_args
 from hf_ista.model_card import write_model_card
+
+
+# The hf_ista block's names -> "module:Class"; the recipe gives the keyword arguments.
+CALLBACKS = {"aurac": "hf_ista.callbacks:AURACCallback"}
+ADAPTERS = {"matryoshka_lora": "hf_ista.peft.matryoshka_lora:MatryoshkaLoraConfig"}
+BLOCK_KEYS = ("adapter", "baselines", "callbacks")
+
+
+def _load(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_callbacks(specs) -> list:
+    """``[{name: kwargs}, ...]`` -> callback instances, looked up in ``CALLBACKS``."""
+    if specs is None:
+        return []
+    if not isinstance(specs, list):
+        raise ValueError(f"hf_ista.callbacks must be a list of {{name: kwargs}}, got {specs!r}")
+    callbacks = []
+    for spec in specs:
+        if not (isinstance(spec, dict) and len(spec) == 1):
+            raise ValueError(f"hf_ista.callbacks: each entry must be one {{name: kwargs}}, got {spec!r}")
+        (name, kwargs), = spec.items()
+        if name not in CALLBACKS:
+            raise ValueError(f"hf_ista.callbacks: unknown callback {name!r}; accepted: {sorted(CALLBACKS)}")
+        callbacks.append(_load(CALLBACKS[name])(**(kwargs or {})))
+    return callbacks
+
+
+def build_adapter_config(spec):
+    """``{type: name, **config}`` -> a PEFT config, the type looked up in ``ADAPTERS`` (None: no adapter)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get("type") not in ADAPTERS:
+        raise ValueError(f"hf_ista.adapter must be a mapping with type one of {sorted(ADAPTERS)}, got {spec!r}")
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    return _load(ADAPTERS[spec["type"]])(**kwargs)
 
 
 @dataclass
@@ -61,9 +104,11 @@ def load_recipe(path: str | Path, overrides: dict | None = None):
     # the CPU; otherwise `accelerate launch --multi_gpu` silently trains each rank alone.
     raw.setdefault("use_cpu", not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     block = raw.pop("hf_ista", None) or {}
-    unknown = set(block) - {"baselines"}
+    unknown = set(block) - set(BLOCK_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown keys in the hf_ista block: {sorted(unknown)}; accepted: ['baselines']")
+        raise ValueError(f"{path}: unknown keys in the hf_ista block: {sorted(unknown)}; accepted: {list(BLOCK_KEYS)}")
+    build_adapter_config(block.get("adapter"))  # fail now, with our message, not after loading the data
+    build_callbacks(block.get("callbacks"))
     parser = HfArgumentParser((RecipeArguments, TrainingArguments))
     recipe, training_args = parser.parse_dict(raw, allow_extra_keys=False)
     optim = getattr(training_args.optim, "value", training_args.optim)
@@ -80,15 +125,23 @@ def build_model(recipe: RecipeArguments, seed: int = 0):
     return tiny_llama(recipe.model_size, seed=seed, max_position_embeddings=recipe.block_size)
 
 
-def run(recipe: RecipeArguments, training_args) -> dict:
-    """Train once; return the figures the table and the model card need."""
+def run(recipe: RecipeArguments, training_args, block: dict | None = None) -> dict:
+    """Train once (with the adapter and callbacks of the hf_ista ``block``, if any); return the figures
+    the table and the model card need."""
     from transformers import Trainer, set_seed
 
+    block = block or {}
     set_seed(training_args.seed)
     data = load_corpus(recipe.corpus, recipe.block_size, recipe.max_bytes, recipe.eval_fraction,
                        seed=training_args.seed)
     model = build_model(recipe, training_args.seed)
-    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["eval"])
+    adapter = build_adapter_config(block.get("adapter"))
+    if adapter is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, adapter)
+    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["eval"],
+                      callbacks=build_callbacks(block.get("callbacks")))
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     seconds = time.perf_counter() - start
@@ -112,7 +165,33 @@ def run(recipe: RecipeArguments, training_args) -> dict:
         "output_dir": training_args.output_dir,
         "is_main": trainer.is_world_process_zero(),
         "world_size": training_args.world_size,
+        "adapter": block.get("adapter"),
+        "callbacks": block.get("callbacks"),
+        "rank_metrics": rank_metrics(metrics),
+        "aurac": metrics.get("eval_aurac"),
     }
+
+
+def rank_metrics(metrics: dict) -> dict[int, dict[str, float]]:
+    """``{rank: {name: value}}`` from the ``eval_rank{r}_{name}`` keys an AURAC callback adds."""
+    table: dict[int, dict[str, float]] = {}
+    for key, value in metrics.items():
+        found = re.fullmatch(r"eval_rank(\d+)_(.+)", key)
+        if found:
+            table.setdefault(int(found.group(1)), {})[found.group(2)] = value
+    return dict(sorted(table.items()))
+
+
+def format_rank_table(result: dict) -> str:
+    """Rank -> eval metrics of one run, and its AURAC."""
+    table = result["rank_metrics"]
+    names = sorted({name for row in table.values() for name in row})
+    rows = [["rank", *[f"eval {n}" for n in names]]]
+    rows += [[str(r), *[f"{table[r][n]:.4f}" if n in table[r] else "" for n in names]] for r in table]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + f"\nAURAC: {result['aurac']:.4f}"
 
 
 def resolved_hyperparameters(optim: str, training_args) -> dict:
@@ -168,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("usage: accelerate launch -m hf_ista.train RECIPE.yaml")
     recipe_path = argv[0]
     recipe, training_args, block = load_recipe(recipe_path)
-    results = [run(recipe, training_args)]
+    results = [run(recipe, training_args, block)]
     baselines = block.get("baselines", [])
     names = [f"baseline-{b.get('optim', 'baseline')}" for b in baselines]
     for i, overrides in enumerate(baselines):
@@ -177,11 +256,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # A baseline starts fresh unless it says otherwise: the main run's checkpoint is not its own.
         fresh = {"resume_from_checkpoint": None, "output_dir": out, "hf_ista": None}
         _, baseline_args, _ = load_recipe(recipe_path, {**fresh, **overrides, "output_dir": out})
-        results.append(run(recipe, baseline_args))
+        results.append(run(recipe, baseline_args, {k: block.get(k) for k in ("adapter", "callbacks")}))
 
     if results[0]["is_main"]:
         out_dir = Path(training_args.output_dir)
         print("\n" + format_table(results) + "\n", flush=True)
+        if results[0]["rank_metrics"]:
+            print(format_rank_table(results[0]) + "\n", flush=True)
         plot_loss_curves(results, out_dir / "loss_curve.png")
         write_model_card(out_dir / "README.md", recipe_path, dataclasses.asdict(recipe), results)
         summary = [{k: v for k, v in r.items() if k != "log_history"} for r in results]

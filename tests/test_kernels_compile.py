@@ -59,3 +59,14 @@ def test_dash_kernels_compile_for_sm90(facts):
     # still no atomics and no approximate division.
     ops = set(family["_symmetric_ema_kernel"]["ops"])
     assert not any(op.startswith("atom") or ".approx" in op for op in ops), ops
+
+
+def test_matryoshka_lora_kernels_compile_for_sm90(facts):
+    family = facts["matryoshka_lora"]
+    assert {key.split("[")[0] for key in family} == set(facts["defined"]["matryoshka_lora"])
+    assert len(family) == 6 and all(f["cubin_bytes"] > 1000 for f in family.values())
+    for key, f in family.items():
+        tensor_core = any(op.startswith(("mma", "wgmma")) for op in f["ops"])
+        # bf16 tiles go to the tensor cores; fp32 stays IEEE fp32 (FMA), never TF32, like the torch twin
+        assert tensor_core == key.endswith("[bf16]"), (key, f["ops"])
+        assert not any(op.startswith("atom") for op in f["ops"])

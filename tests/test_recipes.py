@@ -42,3 +42,20 @@ def test_method_quickstart_trains(method, hypers, tmp_path):
     losses = [h["loss"] for h in result["log_history"] if "loss" in h]
     assert len(losses) == 4 and losses[-1] < losses[0]  # lr and the method's step move the loss down
     assert {k: result["hyperparameters"][k] for k in hypers} == hypers
+
+
+def test_matryoshka_lora_quickstart_parses_and_trains(tmp_path):
+    path = ROOT / "recipes" / "matryoshka_lora" / "quickstart.yaml"
+    recipe, args, block = train.load_recipe(path)
+    assert block["adapter"]["type"] == "matryoshka_lora" and block["adapter"]["r"] == 16
+    assert train.build_callbacks(block["callbacks"])[0].ranks == [1, 2, 4, 8, 16]
+    # shrunk: a fresh nano base (no out/quickstart needed), a rank-4 adapter, 4 steps
+    small = {**block, "adapter": {**block["adapter"], "r": 4}, "callbacks": [{"aurac": {"ranks": [1, 2, 4]}}]}
+    recipe, args, _ = train.load_recipe(path, {**SHRINK, "init_from": None, "output_dir": str(tmp_path)})
+    result = train.run(recipe, args, small)
+    assert result["steps"] == 4 and sorted(result["rank_metrics"]) == [1, 2, 4]
+    losses = [result["rank_metrics"][r]["loss"] for r in (1, 2, 4)]
+    assert result["aurac"] == pytest.approx(((losses[0] + losses[1]) / 2 + (losses[1] + losses[2]) / 2) / 2)
+    # only the adapter trains: r * (in + out) per adapted layer; nano: hidden 32, MLP 64, kv width 16
+    per_layer = sum(4 * (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)])
+    assert result["params"] == 2 * per_layer

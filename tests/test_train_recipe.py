@@ -43,8 +43,8 @@ def test_recipe_with_baseline_writes_table_plot_and_card(tmp_path, capsys):
 
 def test_recipe_errors_name_the_key(tmp_path):
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path), "hf_ista": {"callbacks": []}}))
-    with pytest.raises(ValueError, match="unknown keys in the hf_ista block: \\['callbacks'\\]"):
+    recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path), "hf_ista": {"callback": []}}))
+    with pytest.raises(ValueError, match="unknown keys in the hf_ista block: \\['callback'\\]"):
         train.load_recipe(recipe)
     recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path), "model_sise": "nano"}))
     with pytest.raises(ValueError, match="model_sise"):
@@ -66,3 +66,31 @@ def test_recipe_seed_sets_the_initial_weights():
     recipe = train.RecipeArguments(model_size="nano", block_size=64)
     w0, w0_again, w1 = (next(train.build_model(recipe, s).parameters()) for s in (0, 0, 1))
     assert torch.equal(w0, w0_again) and not torch.equal(w0, w1)
+
+
+def test_adapter_recipe_prints_and_cards_the_rank_metric_table(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    block = {"adapter": {"type": "matryoshka_lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+             "callbacks": [{"aurac": {"ranks": [1, 2, 4], "axis": "linear"}}]}
+    recipe.write_text(yaml.safe_dump({**SHORT, "optim": "adamw_torch", "optim_args": "", "max_steps": 2,
+                                      "output_dir": str(tmp_path / "out"), "hf_ista": block}))
+    result = train.main([str(recipe)])[0]
+    printed = capsys.readouterr().out
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Rank–metric table" in card and "linear rank axis" in card
+    for r in (1, 2, 4):
+        value = f"{result['rank_metrics'][r]['loss']:.4f}"
+        assert f"| {r} | {value} |" in card and value in printed
+    assert f"**{result['aurac']:.4f}**" in card and f"AURAC: {result['aurac']:.4f}" in printed
+    assert (tmp_path / "out" / "rank_metric.png").exists()
+
+
+def test_hf_ista_block_errors_name_the_entry(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    for block, match in [({"callbacks": [{"auracc": {}}]}, "unknown callback 'auracc'; accepted: \\['aurac'"),
+                         ({"callbacks": {"aurac": {}}}, "must be a list"),
+                         ({"adapter": {"type": "lora"}}, "type one of \\['matryoshka_lora'\\]"),
+                         ({"adapter": {"type": "matryoshka_lora", "r": 0}}, "r=0 is invalid")]:
+        recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path), "hf_ista": block}))
+        with pytest.raises(ValueError, match=match):
+            train.load_recipe(recipe)

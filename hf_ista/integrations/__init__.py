@@ -9,7 +9,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from . import peft as _peft
     from . import transformers as _transformers
 
     _transformers.register()
+    _peft.register()
     _registered = True

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel (MicroAdam, low-rank, DASH) for an H100 (sm_90) without a GPU; print JSON
+"""Compile every Triton kernel (MicroAdam, low-rank, DASH, MatryoshkaLoRA) for an H100 (sm_90) without a GPU; print JSON
 facts ``{family: {kernel: {"cubin_bytes": ..., "ops": [...]}}}`` and, under ``"defined"``, the
 names of the Triton kernels (``*_kernel``, not the device helpers) each family's module defines,
 so a new kernel cannot be forgotten here.
@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hf_ista.kernels import dash, lowrank, microadam
+from hf_ista.kernels import dash, lowrank, matryoshka_lora, microadam
 
 MICROADAM = {
     "_select_topk_kernel": ({"a_ptr": "*fp32", "idx_ptr": "*i16", "val_ptr": "*bf16", "row_offset": "i32",
@@ -55,18 +55,40 @@ DASH = {
                               {"BLOCK": 1024}),
 }
 
-OPS = re.compile(r"\b(div\.\w+\.f32|sqrt\.\w+(?:\.\w+)*\.f32|fma\.rn\.f32|atom\.[\w.]+)")
+
+def _matryoshka(dtype: str) -> dict:
+    """The adapter-path kernels for one activation dtype (fp32 as tested, bf16 as trained on GPUs)."""
+    ptr, stride = f"*{dtype}", "i32"
+    project = {"x_ptr": ptr, "w_ptr": ptr, "c_ptr": "*fp32", "out_ptr": ptr, "M": "i32", "K": "i32", "R": "i32",
+               **{f"stride_{s}": stride for s in ("xm", "xk", "wk", "wr", "om", "or")},
+               "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"}
+    expand = {"h_ptr": ptr, "w_ptr": ptr, "base_ptr": ptr, "out_ptr": ptr, "M": "i32", "N": "i32", "R": "i32",
+              **{f"stride_{s}": stride for s in ("hm", "hr", "wr", "wn", "bm", "bn", "om", "on")},
+              "HAS_BASE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"}
+    grad = {"p_ptr": ptr, "q_ptr": ptr, "out_ptr": ptr, "M": "i32", "R": "i32", "C": "i32",
+            **{f"stride_{s}": stride for s in ("pm", "pr", "qm", "qc", "or", "oc")},
+            "BLOCK_M": "constexpr", "BLOCK_C": "constexpr", "BLOCK_R": "constexpr"}
+    return {
+        f"_project_kernel[{dtype}]": (project, {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_R": 64}),
+        f"_expand_kernel[{dtype}]": (expand, {"HAS_BASE": True, "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_R": 64}),
+        f"_weight_grad_kernel[{dtype}]": (grad, {"BLOCK_M": 32, "BLOCK_C": 32, "BLOCK_R": 64}),
+    }
+
+
+MATRYOSHKA = {**_matryoshka("fp32"), **_matryoshka("bf16")}
+
+OPS = re.compile(r"\b(div\.\w+\.f32|sqrt\.\w+(?:\.\w+)*\.f32|fma\.rn\.f32|atom\.[\w.]+|w?gmma[\w.]*|mma\.sync[\w.]*)")
 
 facts = {"defined": {}}
 for family, module, kernels in (("microadam", microadam, MICROADAM), ("lowrank", lowrank, LOWRANK),
-                                ("dash", dash, DASH)):
+                                ("dash", dash, DASH), ("matryoshka_lora", matryoshka_lora, MATRYOSHKA)):
     facts[family] = {}
     facts["defined"][family] = sorted(n for n, v in vars(module).items()
                                       if isinstance(v, triton.JITFunction) and n.endswith("_kernel"))
     for key, (signature, constexprs) in kernels.items():
         fn = getattr(module, key.split("[")[0])
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options=module._EXACT)
+                                  target=GPUTarget("cuda", 90, 32), options=getattr(module, "_EXACT", {}))
         ptx = compiled.asm["ptx"]
         facts[family][key] = {"cubin_bytes": len(compiled.asm["cubin"]), "ops": sorted(set(OPS.findall(ptx)))}
 print(json.dumps(facts))
