@@ -5,12 +5,12 @@
     print(report.table())
 
 Layout: ``calibration.py`` (data in, Hessians out, layer order), ``masks.py`` (patterns, the
-magnitude and Wanda masks), ``obs.py`` (the OBS and I-OBS solvers), ``prune.py`` (the loop over
+magnitude and Wanda masks), ``obs.py`` (the OBS and I-OBS solvers), ``pruner.py`` (the loop over
 layers), ``report.py`` (what comes back). The kernels are in :mod:`hf_ista.kernels.pruning`.
 """
 from .masks import Pattern, parse_pattern
 from .obs import iobs_prune, iobs_step, obs_project, obs_prune, solve_on_support
-from .prune import METHODS, prune, prune_layer, select_targets
+from .pruner import METHODS, prune, prune_layer, select_targets
 from .report import LayerReport, PruningReport
 
 __all__ = ["METHODS", "LayerReport", "Pattern", "PruningReport", "iobs_prune", "iobs_step", "obs_project",

@@ -64,7 +64,7 @@ def obs_prune(weight: torch.Tensor, hessian_damped: torch.Tensor, pattern: Patte
     rows, cols = w.shape
     if pattern.structured:
         block_size = max(pattern.m, block_size // pattern.m * pattern.m)
-    u = hessian_inverse_cholesky(hessian_damped)
+    u = hessian_inverse_cholesky(hessian_damped.float())
     pruned = torch.empty_like(w)
     mask = torch.empty(rows, cols, dtype=torch.bool, device=w.device)
     for start in range(0, cols, block_size):
