@@ -47,3 +47,12 @@ def test_lowrank_kernels_compile_for_sm90(facts):
     assert {"div.rn.f32", "sqrt.rn.f32"} <= set(family["_subspace_adam_kernel"]["ops"])
     for bits in ("8bit", "4bit"):
         assert "div.rn.f32" in family[f"_quantize_kernel[{bits}]"]["ops"]
+
+
+def test_pruning_kernels_compile_for_sm90(facts):
+    family = facts["pruning"]
+    assert {key.split("[")[0] for key in family} == set(facts["defined"]["pruning"])
+    assert len(family) == 4
+    _exact(family)
+    for key in ("_select_rows_kernel[saliency]", "_select_nm_kernel[2:4]", "_obs_sweep_kernel"):
+        assert "div.rn.f32" in family[key]["ops"], key
