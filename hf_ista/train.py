@@ -6,6 +6,8 @@ A recipe is one flat YAML file: the model and data keys of :class:`RecipeArgumen
     hf_ista:
       baselines:                 # the same recipe again with these keys changed, for comparison
         - {optim: adamw_torch, learning_rate: 0.003}
+      callbacks:                 # Trainer callbacks of the main run, {name: kwargs} (names: CALLBACKS)
+        - {iobs_pruning: {sparsity: 0.5, method: iobs}}
 
 Every run trains the plain ``transformers.Trainer``. The main process then prints a table (eval
 loss, optimizer state bytes per parameter) and writes ``loss_curve.png`` and a model card
@@ -42,6 +44,42 @@ class RecipeArguments:
     init_from: str | None = field(default=None, metadata={"help": "a saved model dir to start from"})
 
 
+# name in a recipe's `callbacks:` list -> "module:class"; imported only when a recipe names it
+CALLBACKS = {
+    "iobs_pruning": "hf_ista.callbacks.iobs:IOBSPruningCallback",
+}
+BLOCK_KEYS = ("baselines", "callbacks")
+
+
+def callback_specs(entries, path) -> list[tuple[str, dict]]:
+    """``[{name: kwargs}, ...]`` checked into ``[(name, kwargs), ...]``."""
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: hf_ista.callbacks must be a list of {{name: kwargs}}, got {entries!r}")
+    specs = []
+    for entry in entries:
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"{path}: each hf_ista.callbacks entry must be one {{name: kwargs}}, got {entry!r}")
+        (name, kwargs), = entry.items()
+        if name not in CALLBACKS:
+            raise ValueError(f"{path}: unknown callback {name!r}; accepted: {sorted(CALLBACKS)}")
+        if not isinstance(kwargs or {}, dict):
+            raise ValueError(f"{path}: the kwargs of callback {name!r} must be a mapping, got {kwargs!r}")
+        specs.append((name, dict(kwargs or {})))
+    return specs
+
+
+def build_callbacks(specs: list[tuple[str, dict]]) -> list:
+    import importlib
+
+    callbacks = []
+    for name, kwargs in specs:
+        module, cls = CALLBACKS[name].split(":")
+        callbacks.append(getattr(importlib.import_module(module), cls)(**kwargs))
+    return callbacks
+
+
 class _RecipeLoader(yaml.SafeLoader):
     """YAML 1.1 reads ``3e-4`` (no dot) as a string; a recipe means the number."""
 
@@ -61,9 +99,12 @@ def load_recipe(path: str | Path, overrides: dict | None = None):
     # the CPU; otherwise `accelerate launch --multi_gpu` silently trains each rank alone.
     raw.setdefault("use_cpu", not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     block = raw.pop("hf_ista", None) or {}
-    unknown = set(block) - {"baselines"}
+    unknown = set(block) - set(BLOCK_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown keys in the hf_ista block: {sorted(unknown)}; accepted: ['baselines']")
+        raise ValueError(f"{path}: unknown keys in the hf_ista block: {sorted(unknown)}; accepted: {list(BLOCK_KEYS)}")
+    if "callbacks" in block:
+        block["callbacks"] = callback_specs(block["callbacks"], path)
+        build_callbacks(block["callbacks"])  # a bad kwarg fails now, not after training
     parser = HfArgumentParser((RecipeArguments, TrainingArguments))
     recipe, training_args = parser.parse_dict(raw, allow_extra_keys=False)
     optim = getattr(training_args.optim, "value", training_args.optim)
@@ -80,7 +121,7 @@ def build_model(recipe: RecipeArguments, seed: int = 0):
     return tiny_llama(recipe.model_size, seed=seed, max_position_embeddings=recipe.block_size)
 
 
-def run(recipe: RecipeArguments, training_args) -> dict:
+def run(recipe: RecipeArguments, training_args, callback_list: list | None = None) -> dict:
     """Train once; return the figures the table and the model card need."""
     from transformers import Trainer, set_seed
 
@@ -88,7 +129,9 @@ def run(recipe: RecipeArguments, training_args) -> dict:
     data = load_corpus(recipe.corpus, recipe.block_size, recipe.max_bytes, recipe.eval_fraction,
                        seed=training_args.seed)
     model = build_model(recipe, training_args.seed)
-    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["eval"])
+    callbacks = build_callbacks(callback_list or [])
+    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["eval"],
+                      callbacks=callbacks)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     seconds = time.perf_counter() - start
@@ -112,6 +155,8 @@ def run(recipe: RecipeArguments, training_args) -> dict:
         "output_dir": training_args.output_dir,
         "is_main": trainer.is_world_process_zero(),
         "world_size": training_args.world_size,
+        # what the callbacks measured (e.g. eval loss before / after pruning), by callback name
+        "callbacks": {name: getattr(cb, "metrics", {}) for (name, _), cb in zip(callback_list or [], callbacks)},
     }
 
 
@@ -168,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("usage: accelerate launch -m hf_ista.train RECIPE.yaml")
     recipe_path = argv[0]
     recipe, training_args, block = load_recipe(recipe_path)
-    results = [run(recipe, training_args)]
+    results = [run(recipe, training_args, block.get("callbacks"))]
     baselines = block.get("baselines", [])
     names = [f"baseline-{b.get('optim', 'baseline')}" for b in baselines]
     for i, overrides in enumerate(baselines):
@@ -182,6 +227,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if results[0]["is_main"]:
         out_dir = Path(training_args.output_dir)
         print("\n" + format_table(results) + "\n", flush=True)
+        for name, metrics in results[0]["callbacks"].items():
+            if metrics:
+                print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + "\n", flush=True)
         plot_loss_curves(results, out_dir / "loss_curve.png")
         write_model_card(out_dir / "README.md", recipe_path, dataclasses.asdict(recipe), results)
         summary = [{k: v for k, v in r.items() if k != "log_history"} for r in results]

@@ -2,6 +2,7 @@
 after, log both, save the pruned model with a model card section."""
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -37,19 +38,23 @@ def evaluate_loss(model, dataloader) -> float:
 
 class IOBSPruningCallback(TrainerCallback):
     """At ``on_train_end``: ``prune(model, ...)`` with these settings (``**prune_kwargs`` go to
-    :func:`hf_ista.pruning.prune`), calibrated on ``calibration_dataset`` (default: the training
+    :func:`hf_ista.pruning.prune`; ``sparsity`` None is 0.5, or what an N:M pattern implies), calibrated on ``calibration_dataset`` (default: the training
     dataloader). With ``eval_after``, eval loss and perplexity before and after pruning are computed on
     ``eval_dataset`` (default: the Trainer's eval dataloader, if an evaluation built one) and appended to
     ``state.log_history`` (callbacks cannot reach the Trainer's loggers). With ``save``, the pruned
     model goes to ``output_dir`` (default ``<args.output_dir>/pruned``) with a README.md that has the
     per-layer table. The report and the figures stay on ``self.report`` / ``self.metrics``."""
 
-    def __init__(self, sparsity=0.5, method: str = "iobs", pattern: str = "unstructured", iterations: int = 3,
+    def __init__(self, sparsity=None, method: str = "iobs", pattern: str = "unstructured", iterations: int = 3,
                  num_samples: int = 128, calibration_dataset=None, eval_dataset=None, eval_after: bool = True,
                  save: bool = True, output_dir: str | None = None, **prune_kwargs):
         if method not in METHODS:
             raise ValueError(f"method={method!r} is invalid: expected one of {METHODS}")
         parse_pattern(pattern)
+        accepted = set(inspect.signature(prune).parameters) - {"model", "calibration"}
+        unknown = set(prune_kwargs) - accepted
+        if unknown:
+            raise ValueError(f"IOBSPruningCallback: unknown arguments {sorted(unknown)}; prune() accepts {sorted(accepted)}")
         self.prune_kwargs = dict(sparsity=sparsity, method=method, pattern=pattern, iterations=iterations,
                                  num_samples=num_samples, **prune_kwargs)
         self.calibration_dataset = calibration_dataset

@@ -102,7 +102,7 @@ def prune_layer(layer: nn.Linear, hessian: torch.Tensor | None, method: str, pat
     return error, [e * scale for e in history]
 
 
-def prune(model: nn.Module, calibration=None, sparsity=0.5, pattern: str = "unstructured", method: str = "iobs",
+def prune(model: nn.Module, calibration=None, sparsity=None, pattern: str = "unstructured", method: str = "iobs",
           iterations: int = 3, num_samples: int = 128, targets=None, ignore=None, damp: float = 0.01,
           block_size: int = 128, scope: str = "row", batch_size: int = 8, progress: bool = False) -> PruningReport:
     """Prune ``model``'s linear layers in place and return a :class:`PruningReport`.
@@ -112,13 +112,15 @@ def prune(model: nn.Module, calibration=None, sparsity=0.5, pattern: str = "unst
     ``method``: ``magnitude``, ``wanda``, ``obs`` (one-shot, SparseGPT-style) or ``iobs``
     (``iterations`` I-OBS iterations; 1 is ``obs``). ``pattern``: ``"unstructured"`` or ``"N:M"``
     (N kept in every M). ``sparsity``: a share, or ``{module name pattern: share}`` (layers no key
-    matches stay dense). ``scope``: unstructured masks per ``"row"`` or per ``"layer"``.
+    matches stay dense); default 0.5, or what an N:M pattern implies. ``scope``: unstructured masks per ``"row"`` or per ``"layer"``.
     ``targets`` / ``ignore``: module name patterns (default: every ``nn.Linear`` but the LM head).
     ``damp``: share of ``mean(diag H)`` added to ``H``'s diagonal. ``block_size``: columns per OBS block.
     """
     start = time.perf_counter()
     _check(method, iterations, damp, block_size)
     kind = parse_pattern(pattern, scope)
+    if sparsity is None and not kind.structured:
+        sparsity = 0.5
     if not isinstance(sparsity, Mapping) and sparsity is not None:
         _sparsity_of("(every layer)", sparsity, kind)
     chosen = select_targets(model, targets, ignore)
