@@ -19,8 +19,10 @@ both exact changes of ``f``. An iteration keeps the highest of these scores with
 support, and keeps, row by row, whichever of the old and new solutions has the lower error. The
 reconstruction error therefore never increases from one iteration to the next.
 
-The exact solve costs ``O(rows · cols³)`` per iteration (a batched Cholesky per row, rows in
-chunks): cheap for the layers of small models, slow for a 4096-wide Llama layer.
+The exact solve is OBS in closed form, one ``p x p`` system per row for its ``p`` pruned weights
+(batched over the rows that prune as many), plus ``p² · cols`` per row for the scores: an I-OBS
+iteration costs ``O(rows · cols³ / 4)`` at 50 %, cheap for small layers, minutes on a GPU for a
+4096-wide Llama layer (one-shot OBS is ``O(cols³ + rows · cols²)``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from hf_ista.kernels.pruning import obs_sweep, select_mask
 
 from .masks import Pattern, select
 
-# Elements of one [rows, cols, cols] batch in the exact solve (fp32: 64 MiB).
+# Elements of one [rows, p, cols] batch in the exact solve (fp32: 64 MiB).
 _SOLVE_ELEMENTS = 1 << 24
 
 
@@ -87,52 +89,67 @@ def row_errors(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor
     return ((delta @ hessian.float()) * delta).sum(1)
 
 
-def _row_chunks(rows: int, cols: int):
-    step = max(1, _SOLVE_ELEMENTS // (cols * cols))
-    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+def _row_groups(mask: torch.Tensor, cols: int):
+    """Rows with the same number of pruned weights, in chunks that keep ``[rows, p, cols]`` bounded:
+    ``(row indices, their pruned columns [rows, p])``."""
+    counts = mask.sum(1)
+    for p in torch.unique(counts).tolist():
+        rows = torch.nonzero(counts == p).flatten()
+        step = max(1, _SOLVE_ELEMENTS // (max(p, 1) * cols))
+        for i in range(0, len(rows), step):
+            chunk = rows[i:i + step]
+            # the pruned columns of each row, in column order (stable sort of "is kept")
+            pruned = torch.sort((~mask[chunk]).to(torch.int8), dim=1, stable=True).indices[:, :p]
+            yield chunk, pruned
 
 
-def _masked_system(hessian: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per row, ``H`` restricted to the kept columns, with 1 on the diagonal of the pruned ones:
-    solving it gives the least squares on the support and exact zeros elsewhere."""
-    k = keep.float()
-    a = k[:, :, None] * hessian[None] * k[:, None, :]
-    return a + torch.diag_embed(1.0 - k)
+def _solve_group(w: torch.Tensor, inverse: torch.Tensor, pruned: torch.Tensor):
+    """OBS in closed form for rows ``w`` ``[r, cols]`` that all prune ``p`` columns ``pruned`` ``[r, p]``:
+    ``ŵ = w − H⁻¹[:, P] ([H⁻¹]_PP)⁻¹ w_P``, the least squares on the kept columns. Returns ``ŵ``,
+    the Cholesky factor of ``[H⁻¹]_PP`` and the rows ``H⁻¹[P, :]`` (the scores reuse both).
+    Every system is ``p x p``: at 50 % an eighth of the work of solving on the kept columns."""
+    rows_p = inverse[pruned]  # [r, p, cols]
+    factor = torch.linalg.cholesky(torch.gather(rows_p, 2, pruned[:, None, :].expand(-1, pruned.shape[1], -1)))
+    z = torch.cholesky_solve(torch.gather(w, 1, pruned)[..., None], factor)  # [r, p, 1]
+    out = w - torch.bmm(z.transpose(1, 2), rows_p)[:, 0]
+    return out.scatter_(1, pruned, 0.0), factor, rows_p
 
 
 def solve_on_support(weight: torch.Tensor, hessian_damped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The exact minimiser of ``(ŵ − w)ᵀ H (ŵ − w)`` per row subject to ``ŵ = 0`` where ``mask``."""
     w = weight.float()
-    out = torch.empty_like(w)
-    rhs = w @ hessian_damped
-    for rows in _row_chunks(*w.shape):
-        keep = ~mask[rows]
-        factor = torch.linalg.cholesky(_masked_system(hessian_damped, keep))
-        out[rows] = torch.cholesky_solve((rhs[rows] * keep)[..., None], factor)[..., 0] * keep
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian_damped.float()))
+    out = w.clone()
+    for rows, pruned in _row_groups(mask, w.shape[1]):
+        if pruned.shape[1]:
+            out[rows] = _solve_group(w[rows], inverse, pruned)[0]
     return out
 
 
 def solve_and_score(weight: torch.Tensor, hessian_damped: torch.Tensor, mask: torch.Tensor):
     """The exact solution on the support of ``mask`` and the score of every weight there: removal
-    cost for kept weights, addition gain for pruned ones (see the module docstring)."""
+    cost for kept weights, addition gain for pruned ones (see the module docstring). With
+    ``G = [H⁻¹]_PP``: ``[(H_SS)⁻¹]_ii = H⁻¹_ii − (H⁻¹[P, i])ᵀ G⁻¹ H⁻¹[P, i]`` and the Schur complements
+    ``s_j`` are the diagonal of ``G⁻¹`` (block inversion)."""
     w = weight.float()
-    h = hessian_damped
-    out = torch.empty_like(w)
-    scores = torch.empty_like(w)
-    rhs = w @ h
-    for rows in _row_chunks(*w.shape):
-        keep = ~mask[rows]
-        k = keep.float()
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(_masked_system(h, keep)))
-        x = (inverse @ (rhs[rows] * k)[..., None])[..., 0] * k
-        cost = x * x / torch.diagonal(inverse, dim1=1, dim2=2)
-        coupling = k[:, :, None] * h[None]  # H_Sj: rows of the support, every column
-        schur = torch.diagonal(h) - (coupling * (inverse @ coupling)).sum(1)
-        gradient = (x - w[rows]) @ h  # half the gradient of f
-        gain = gradient * gradient / schur.clamp_min(torch.finfo(torch.float32).tiny)
+    h = hessian_damped.float()
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    out = w.clone()
+    cost = w * w / torch.diagonal(inverse)  # rows that prune nothing
+    gain = torch.zeros_like(w)
+    for rows, pruned in _row_groups(mask, w.shape[1]):
+        if not pruned.shape[1]:
+            continue
+        x, factor, rows_p = _solve_group(w[rows], inverse, pruned)
+        g_inv = torch.cholesky_inverse(factor)  # [r, p, p]
+        kept_inverse_diag = torch.diagonal(inverse) - (rows_p * (g_inv @ rows_p)).sum(1)
+        schur = torch.diagonal(g_inv, dim1=1, dim2=2)
+        half_gradient = (x - w[rows]) @ h
         out[rows] = x
-        scores[rows] = torch.where(keep, cost, gain).clamp_min(0.0)
-    return out, scores
+        cost[rows] = x * x / kept_inverse_diag.clamp_min(torch.finfo(torch.float32).tiny)
+        gain[rows] = torch.zeros_like(x).scatter_(
+            1, pruned, torch.gather(half_gradient, 1, pruned) ** 2 / schur.clamp_min(torch.finfo(torch.float32).tiny))
+    return out, torch.where(mask, gain, cost).clamp_min(0.0)
 
 
 def iobs_prune(weight: torch.Tensor, hessian: torch.Tensor, hessian_damped: torch.Tensor, pattern: Pattern,
