@@ -137,6 +137,29 @@ def test_report_error_is_the_relative_output_error():
     assert report.layers[0].error == pytest.approx(expected, rel=1e-4)
 
 
+def test_layer_scope_keeps_the_layer_share_and_iobs_keeps_row_counts():
+    layer, x = _layer_problem(rows=8, cols=16, seed=3)
+    magnitude, _ = _prune_one(layer, x, sparsity=0.5, method="magnitude", scope="layer")
+    w = layer.weight.detach().double().numpy()
+    assert (magnitude == 0).sum() == w.size // 2
+    threshold = np.sort(np.abs(w).ravel())[w.size // 2 - 1]
+    np.testing.assert_array_equal(magnitude == 0, np.abs(w) <= threshold)  # one ranking for the whole layer
+    obs, obs_report = _prune_one(layer, x, sparsity=0.5, method="obs", scope="layer")
+    iobs, iobs_report = _prune_one(layer, x, sparsity=0.5, method="iobs", scope="layer", iterations=3)
+    assert (obs == 0).sum() == (iobs == 0).sum() == w.size // 2
+    assert len(set((obs == 0).sum(1))) > 1  # rows do differ: the scope is really the layer
+    np.testing.assert_array_equal((iobs == 0).sum(1), (obs == 0).sum(1))  # iterations move weights within rows
+    assert iobs_report.layers[0].error <= obs_report.layers[0].error
+
+
+def test_bf16_layer_prunes_like_fp32():
+    layer, x = _layer_problem(seed=4)
+    _, fp32 = _prune_one(layer, x, sparsity=0.5, method="obs")
+    pruned, bf16 = _prune_one(layer.to(torch.bfloat16), x.to(torch.bfloat16), sparsity=0.5, method="obs")
+    assert ((pruned == 0).sum(1) == 6).all()
+    assert bf16.layers[0].error == pytest.approx(fp32.layers[0].error, rel=0.1)
+
+
 # --------------------------------------------------------------------------------------------
 # 3. A trained tiny Llama
 # --------------------------------------------------------------------------------------------
