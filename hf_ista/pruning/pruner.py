@@ -112,7 +112,8 @@ def prune(model: nn.Module, calibration=None, sparsity=None, pattern: str = "uns
     ``method``: ``magnitude``, ``wanda``, ``obs`` (one-shot, SparseGPT-style) or ``iobs``
     (``iterations`` I-OBS iterations; 1 is ``obs``). ``pattern``: ``"unstructured"`` or ``"N:M"``
     (N kept in every M). ``sparsity``: a share, or ``{module name pattern: share}`` (layers no key
-    matches stay dense); default 0.5, or what an N:M pattern implies. ``scope``: unstructured masks per ``"row"`` or per ``"layer"``.
+    matches stay dense); default 0.5, or what an N:M pattern implies. ``scope``: unstructured masks
+    per ``"row"`` (every row the same share) or per ``"layer"`` (one ranking for the whole layer).
     ``targets`` / ``ignore``: module name patterns (default: every ``nn.Linear`` but the LM head).
     ``damp``: share of ``mean(diag H)`` added to ``H``'s diagonal. ``block_size``: columns per OBS block.
     """
