@@ -52,7 +52,8 @@ def test_lowrank_kernels_compile_for_sm90(facts):
 def test_pruning_kernels_compile_for_sm90(facts):
     family = facts["pruning"]
     assert {key.split("[")[0] for key in family} == set(facts["defined"]["pruning"])
-    assert len(family) == 4
+    assert len(family) == 5
     _exact(family)
-    for key in ("_select_rows_kernel[saliency]", "_select_nm_kernel[2:4]", "_obs_sweep_kernel"):
+    for key in ("_select_rows_kernel[saliency]", "_select_nm_kernel[2:4]", "_obs_sweep_kernel[unstructured]",
+                "_obs_sweep_kernel[2:4]"):
         assert "div.rn.f32" in family[key]["ops"], key

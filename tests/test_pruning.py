@@ -330,24 +330,33 @@ def test_select_nm_kernel_matches_torch(n, m):
 
 
 @triton_only
-@pytest.mark.parametrize("rows, b", [(5, 8), (19, 12), (33, 32)])
-def test_obs_sweep_kernel_matches_torch(rows, b):
+@pytest.mark.parametrize("rows, b, n, m", [(5, 8, 0, 0), (19, 12, 0, 0), (33, 32, 0, 0), (19, 12, 2, 4), (9, 16, 1, 4)])
+def test_obs_sweep_kernel_matches_torch(rows, b, n, m):
     g = torch.Generator().manual_seed(rows)
     a = torch.randn(b, b, generator=g)
     u = torch.linalg.cholesky(a @ a.T + b * torch.eye(b), upper=True).contiguous()
     w = torch.randn(rows, b, generator=g)
-    prune_mask = torch.rand(rows, b, generator=g) < 0.5
+    given = torch.rand(rows, b, generator=g) < 0.5
     results = []
     for sweep in (K.obs_sweep_torch, K.obs_sweep_triton):
         block, q, err = w.clone(), torch.empty_like(w), torch.empty_like(w)
-        sweep(block, u, prune_mask, q, err)
-        results.append((block, q, err))
+        mask = given.clone() if not m else torch.zeros_like(given)
+        sweep(block, u, mask, q, err, n, m)
+        results.append((block, q, err, mask))
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert (results[0][1][prune_mask] == 0).all()
-    # the sweep's closed form: err = (w_i − q_i)/U_ii after the updates of the columns before i
+    mask = results[0][3]
+    assert (results[0][1][mask] == 0).all()
+    if m:
+        assert ((~mask).view(rows, -1, m).sum(-1) == n).all()
+    # the sweep's closed form: err = (w_i − q_i)/U_ii after the updates of the columns before i, and
+    # an N:M group's mask from the saliency w²/U_jj² of the weights as they stand when it is reached
     manual = w.clone()
     for i in range(b):
-        e = torch.where(prune_mask[:, i], manual[:, i], 0.0) / u[i, i]
+        if m and i % m == 0:
+            s = manual[:, i:i + m] ** 2 / torch.diagonal(u)[i:i + m] ** 2
+            lowest = torch.sort(s, dim=1, stable=True).indices[:, :m - n]
+            assert torch.equal(torch.zeros_like(s, dtype=torch.bool).scatter_(1, lowest, True), mask[:, i:i + m])
+        e = torch.where(mask[:, i], manual[:, i], 0.0) / u[i, i]
         torch.testing.assert_close(results[0][2][:, i], e)
         manual -= e[:, None] * u[i][None, :]

@@ -8,7 +8,8 @@ each Triton kernel next to its torch twin (same signature, same numbers).
   diagonal of its Cholesky factor), otherwise ``w`` already holds the scores.
 * :func:`obs_sweep` — the inner loop of the block-wise OBS prune (SparseGPT): for each column ``i``
   of a block, left to right, prune the masked weights of that column and spread the error over
-  the columns to its right, ``W[:, i:] -= err ⊗ U[i, i:]`` with ``err = (w_i - q_i) / U_ii``. The
+  the columns to its right, ``W[:, i:] -= err ⊗ U[i, i:]`` with ``err = (w_i - q_i) / U_ii``; for
+  N:M it also picks each group's mask when the sweep reaches the group (as SparseGPT does). The
   Triton kernel keeps a tile of rows in registers for the whole block: one launch per block instead
   of ``block`` tiny rank-one updates.
 
@@ -55,11 +56,17 @@ def select_mask_torch(w: torch.Tensor, d: torch.Tensor | None, counts: torch.Ten
 
 
 def obs_sweep_torch(w: torch.Tensor, u: torch.Tensor, prune: torch.Tensor, q: torch.Tensor,
-                    err: torch.Tensor) -> None:
+                    err: torch.Tensor, n: int = 0, m: int = 0) -> None:
     """One OBS block: ``w`` ``[rows, b]`` (updated in place), ``u`` ``[b, b]`` the block of the upper
     Cholesky factor of ``H^-1``, ``prune`` ``[rows, b]``; writes the pruned block to ``q`` and the
-    scaled errors (for the lazy update of the later columns) to ``err``."""
+    scaled errors (for the lazy update of the later columns) to ``err``.
+
+    With ``m > 0`` (N:M), ``prune`` is an output: at every ``m``-th column the group's mask is chosen
+    from the saliency ``w² / U_jj²`` of its weights as the columns before it left them (SparseGPT)."""
     for i in range(w.shape[1]):
+        if m and i % m == 0:
+            d = torch.diagonal(u)[i:i + m]
+            prune[:, i:i + m] = select_mask_torch(w[:, i:i + m], d * d, None, n, m)
         col = w[:, i]
         kept = torch.where(prune[:, i], 0.0, col)
         e = (col - kept) / u[i, i]
@@ -117,8 +124,8 @@ if triton_available():
         tl.store(prune_ptr + row * cols + col, (rank < M - N).to(tl.int8), mask=live)
 
     @triton.jit
-    def _obs_sweep_kernel(w_ptr, u_ptr, prune_ptr, q_ptr, err_ptr, rows, b, ROWS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+    def _obs_sweep_kernel(w_ptr, u_ptr, prune_ptr, q_ptr, err_ptr, rows, b, N: tl.constexpr, M: tl.constexpr,
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
         # A tile of ROWS rows x the whole block stays in registers while its columns are swept.
         r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         c = tl.arange(0, BLOCK)
@@ -126,6 +133,21 @@ if triton_available():
         tile = live_r[:, None] & (c[None, :] < b)
         w = tl.load(w_ptr + r[:, None] * b + c[None, :], mask=tile, other=0.0)
         for i in range(0, b):
+            if M > 0:
+                if i % M == 0:
+                    # N:M: choose this group's mask from the weights as the sweep has left them
+                    j = tl.arange(0, M)
+                    at = c[None, None, :] == (i + j)[None, :, None]
+                    group = tl.sum(tl.where(at, w[:, None, :], 0.0), axis=2)  # [ROWS, M]
+                    d = tl.load(u_ptr + (i + j) * b + (i + j))
+                    s = tl.math.div_rn(group * group, (d * d)[None, :]) + 0.0
+                    a = s[:, :, None]
+                    o = s[:, None, :]
+                    lower = (o < a) | ((o == a) & (j[None, None, :] < j[None, :, None]))
+                    rank = tl.sum(lower.to(tl.int32), axis=2)
+                    tl.store(prune_ptr + r[:, None] * b + (i + j)[None, :], (rank < M - N).to(tl.int8),
+                             mask=live_r[:, None])
+                    tl.debug_barrier()  # the flags are read back below, by other threads
             at_i = c[None, :] == i
             col = tl.sum(tl.where(at_i, w, 0.0), axis=1)  # exact: one term is not zero
             prune = tl.load(prune_ptr + r * b + i, mask=live_r, other=0) != 0
@@ -157,10 +179,10 @@ def select_mask_triton(w, d, counts, n: int = 0, m: int = 0, square: bool = True
     return out.bool()
 
 
-def obs_sweep_triton(w, u, prune, q, err) -> None:
+def obs_sweep_triton(w, u, prune, q, err, n: int = 0, m: int = 0) -> None:
     rows, b = w.shape
     _obs_sweep_kernel[(triton.cdiv(rows, _SWEEP_ROWS),)](
-        w, u, prune.view(torch.int8), q, err, rows, b, ROWS=_SWEEP_ROWS,
+        w, u, prune.view(torch.int8), q, err, rows, b, N=n, M=m, ROWS=_SWEEP_ROWS,
         BLOCK=triton.next_power_of_2(b), **_EXACT,
     )
 
@@ -193,11 +215,15 @@ def select_mask(w: torch.Tensor, d: torch.Tensor | None, counts: torch.Tensor | 
         return select_mask_triton(w, d, counts, n, m, square)
 
 
-def obs_sweep(w: torch.Tensor, u: torch.Tensor, prune: torch.Tensor, q: torch.Tensor, err: torch.Tensor) -> None:
-    """The column sweep of one OBS block (see :func:`obs_sweep_torch`)."""
-    if not (w.is_contiguous() and q.is_contiguous() and err.is_contiguous()):
-        raise ValueError("obs_sweep: w, q and err must be contiguous (w and its outputs are written in place)")
-    if not use_triton(w):
-        return obs_sweep_torch(w, u, prune, q, err)
+def obs_sweep(w: torch.Tensor, u: torch.Tensor, prune: torch.Tensor, q: torch.Tensor, err: torch.Tensor,
+              n: int = 0, m: int = 0) -> None:
+    """The column sweep of one OBS block (see :func:`obs_sweep_torch`); with ``m > 0`` it also
+    chooses the N:M mask, written to ``prune``."""
+    if not all(t.is_contiguous() for t in (w, prune, q, err)):
+        raise ValueError("obs_sweep: w, prune, q and err must be contiguous (they are written in place)")
+    if m:
+        _check_pattern(w.shape[1], n, m, None)
+    if not use_triton(w) or (m & (m - 1)):
+        return obs_sweep_torch(w, u, prune, q, err, n, m)
     with device_of(w):
-        obs_sweep_triton(w, u.contiguous(), prune.contiguous(), q, err)
+        obs_sweep_triton(w, u.contiguous(), prune, q, err, n, m)

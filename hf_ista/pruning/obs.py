@@ -55,13 +55,13 @@ def hessian_inverse_cholesky(hessian_damped: torch.Tensor) -> torch.Tensor:
 
 def obs_prune(weight: torch.Tensor, hessian_damped: torch.Tensor, pattern: Pattern, sparsity: float,
               block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-shot OBS: columns left to right in blocks of ``block_size``; each block's mask is chosen by
+    """One-shot OBS: columns left to right in blocks of ``block_size``; each block's unstructured mask is chosen by
     the saliency ``w² / U_jj²`` of its current (already compensated) weights, its columns are swept
     by :func:`obs_sweep`, and the columns after the block get the block's errors in one matmul.
 
-    Returns the pruned weight (fp32) and the mask (True = pruned). For N:M the mask of a whole block
-    is chosen at the block's start (SparseGPT re-chooses each group of ``M`` after the columns
-    before it in the block are swept; the block-start choice lets one kernel sweep the block)."""
+    Returns the pruned weight (fp32) and the mask (True = pruned). For N:M each group of ``M``
+    columns gets its mask when the sweep reaches it, from the weights as the columns before it left
+    them (SparseGPT's order)."""
     w = weight.float().clone()
     rows, cols = w.shape
     if pattern.structured:
@@ -73,10 +73,13 @@ def obs_prune(weight: torch.Tensor, hessian_damped: torch.Tensor, pattern: Patte
         stop = min(start + block_size, cols)
         block = w[:, start:stop].contiguous()
         u_block = u[start:stop, start:stop].contiguous()
-        block_mask = select(block, torch.diagonal(u_block) ** 2, pattern, sparsity, done=start)
+        if pattern.structured:  # the sweep picks each group's mask when it gets there
+            block_mask = torch.empty(block.shape, dtype=torch.bool, device=w.device)
+        else:
+            block_mask = select(block, torch.diagonal(u_block) ** 2, pattern, sparsity, done=start)
         q = torch.empty_like(block)
         err = torch.empty_like(block)
-        obs_sweep(block, u_block, block_mask, q, err)
+        obs_sweep(block, u_block, block_mask, q, err, pattern.n, pattern.m)
         pruned[:, start:stop] = q
         mask[:, start:stop] = block_mask
         w[:, stop:] -= err @ u[start:stop, stop:]  # the lazy update of everything to the right

@@ -49,13 +49,14 @@ _SELECT_ROWS = {"w_ptr": "*fp32", "d_ptr": "*fp32", "counts_ptr": "*i32", "prune
                 "SQUARE": "constexpr", "BLOCK": "constexpr"}
 _SELECT_NM = {"w_ptr": "*fp32", "d_ptr": "*fp32", "prune_ptr": "*i8", "cols": "i32", "N": "constexpr",
               "M": "constexpr", "SQUARE": "constexpr", "GROUPS": "constexpr"}
+_SWEEP = {"w_ptr": "*fp32", "u_ptr": "*fp32", "prune_ptr": "*i8", "q_ptr": "*fp32", "err_ptr": "*fp32",
+          "rows": "i32", "b": "i32", "N": "constexpr", "M": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr"}
 PRUNING = {
     "_select_rows_kernel[saliency]": (_SELECT_ROWS, {"SQUARE": True, "BLOCK": 128}),
     "_select_rows_kernel[scores]": (_SELECT_ROWS, {"SQUARE": False, "BLOCK": 4096}),
     "_select_nm_kernel[2:4]": (_SELECT_NM, {"N": 2, "M": 4, "SQUARE": True, "GROUPS": 64}),
-    "_obs_sweep_kernel": ({"w_ptr": "*fp32", "u_ptr": "*fp32", "prune_ptr": "*i8", "q_ptr": "*fp32",
-                           "err_ptr": "*fp32", "rows": "i32", "b": "i32", "ROWS": "constexpr", "BLOCK": "constexpr"},
-                          {"ROWS": 16, "BLOCK": 128}),
+    "_obs_sweep_kernel[unstructured]": (_SWEEP, {"N": 0, "M": 0, "ROWS": 16, "BLOCK": 128}),
+    "_obs_sweep_kernel[2:4]": (_SWEEP, {"N": 2, "M": 4, "ROWS": 16, "BLOCK": 128}),
 }
 
 OPS = re.compile(r"\b(div\.\w+\.f32|sqrt\.\w+(?:\.\w+)*\.f32|fma\.rn\.f32|atom\.[\w.]+)")
