@@ -157,6 +157,8 @@ def run(recipe: RecipeArguments, training_args, callback_list: list | None = Non
         "world_size": training_args.world_size,
         # what the callbacks measured (e.g. eval loss before / after pruning), by callback name
         "callbacks": {name: getattr(cb, "metrics", {}) for (name, _), cb in zip(callback_list or [], callbacks)},
+        # model-card sections of callbacks that changed the saved model (the pruning table)
+        "card_sections": [cb.model_card_section() for cb in callbacks if hasattr(cb, "model_card_section")],
     }
 
 
@@ -231,8 +233,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if metrics:
                 print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + "\n", flush=True)
         plot_loss_curves(results, out_dir / "loss_curve.png")
-        write_model_card(out_dir / "README.md", recipe_path, dataclasses.asdict(recipe), results)
-        summary = [{k: v for k, v in r.items() if k != "log_history"} for r in results]
+        card = write_model_card(out_dir / "README.md", recipe_path, dataclasses.asdict(recipe), results)
+        if results[0]["card_sections"]:
+            (out_dir / "README.md").write_text("\n\n".join([card.rstrip("\n"), *results[0]["card_sections"]]))
+        summary = [{k: v for k, v in r.items() if k not in ("log_history", "card_sections")} for r in results]
         (out_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     return results
 

@@ -98,6 +98,9 @@ def test_recipe_parses_and_a_shrunk_copy_trains_and_prunes(tmp_path):
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "pruned")
     zeros = [float((m.weight == 0).float().mean()) for m in _targets(pruned).values()]
     assert zeros == [0.5] * 14
+    card = (tmp_path / "run" / "README.md").read_text()  # the runner's card: the saved model is pruned
+    assert "## Pruning" in card and "| model.layers.1.mlp.down_proj |" in card
+    assert results[0]["eval_loss"] == pytest.approx(measured["pruning_eval_loss_after"], rel=1e-5)
 
     raw["hf_ista"]["callbacks"] = [{"no_such_callback": {}}]
     shrunk.write_text(yaml.safe_dump(raw))

@@ -74,6 +74,12 @@ class IOBSPruningCallback(TrainerCallback):
         return DataLoader(self.eval_dataset, batch_size=args.per_device_eval_batch_size,
                           collate_fn=default_data_collator)
 
+    def model_card_section(self) -> str:
+        """The "## Pruning" section (settings, eval before / after, per-layer table); empty before pruning."""
+        from hf_ista.model_card import pruning_section
+
+        return pruning_section(self.report, self.metrics) if self.report is not None else ""
+
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, eval_dataloader=None, **kwargs):
         calibration = self.calibration_dataset if self.calibration_dataset is not None else train_dataloader
         if calibration is None:
