@@ -43,8 +43,8 @@ def test_recipe_with_baseline_writes_table_plot_and_card(tmp_path, capsys):
 
 def test_recipe_errors_name_the_key(tmp_path):
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path), "hf_ista": {"callbacks": []}}))
-    with pytest.raises(ValueError, match="unknown keys in the hf_ista block: \\['callbacks'\\]"):
+    recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path), "hf_ista": {"callbakcs": []}}))
+    with pytest.raises(ValueError, match="unknown keys in the hf_ista block: \\['callbakcs'\\]"):
         train.load_recipe(recipe)
     recipe.write_text(yaml.safe_dump({**SHORT, "output_dir": str(tmp_path), "model_sise": "nano"}))
     with pytest.raises(ValueError, match="model_sise"):
