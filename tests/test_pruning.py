@@ -360,3 +360,31 @@ def test_obs_sweep_kernel_matches_torch(rows, b, n, m):
         e = torch.where(mask[:, i], manual[:, i], 0.0) / u[i, i]
         torch.testing.assert_close(results[0][2][:, i], e)
         manual -= e[:, None] * u[i][None, :]
+
+
+@pytest.mark.gpu
+def test_pruning_on_cuda_matches_cpu(trained, corpus):
+    """On a GPU the Triton kernels run (auto backend): same masks as the CPU twins, same model."""
+    cuda = torch.device("cuda")
+    w, d = _scores()
+    counts = torch.tensor([0, 1, 5, 12, 24, 47, 48, 3, 30], dtype=torch.int32)
+    assert torch.equal(K.select_mask(w.to(cuda), d.to(cuda), counts.to(cuda)).cpu(), K.select_mask_torch(w, d, counts))
+    assert torch.equal(K.select_mask(w.to(cuda), d.to(cuda), None, 2, 4).cpu(), K.select_mask_torch(w, d, None, 2, 4))
+    for n, m in ((0, 0), (2, 4)):
+        b = 32
+        a = torch.randn(b, b, generator=torch.Generator().manual_seed(1))
+        u = torch.linalg.cholesky(a @ a.T + b * torch.eye(b), upper=True).contiguous()
+        block = torch.randn(40, b, generator=torch.Generator().manual_seed(2))
+        given = torch.rand(40, b, generator=torch.Generator().manual_seed(3)) < 0.5
+        out = []
+        for device in ("cpu", cuda):
+            x, mask = block.to(device), (given.clone() if not m else torch.zeros_like(given)).to(device)
+            q, err = torch.empty_like(x), torch.empty_like(x)
+            K.obs_sweep(x, u.to(device), mask, q, err, n, m)
+            out.append((q.cpu(), mask.cpu()))
+        torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[1][1], out[0][1])
+    on_cpu, on_gpu = copy.deepcopy(trained), copy.deepcopy(trained).to(cuda)
+    reports = [prune(m, calibration=corpus["train"], method="iobs", pattern="2:4", num_samples=16) for m in (on_cpu, on_gpu)]
+    assert reports[1].total_error == pytest.approx(reports[0].total_error, rel=1e-2)
+    assert reports[1].sparsity == 0.5
