@@ -16,13 +16,15 @@ its support: at the exact solution ``ŵ`` on support ``S``
 
 both exact changes of ``f``. An iteration keeps the highest of these scores within the pattern
 (the same count per row, or per group of ``M``), solves the least squares exactly on the new
-support, and keeps, row by row, whichever of the old and new solutions has the lower error. The
-reconstruction error therefore never increases from one iteration to the next.
+support (with the damped ``H``), and keeps, row by row, whichever of the old and new solutions has
+the lower error under the undamped ``H`` — the error the report shows, which therefore never
+increases from one iteration to the next.
 
 The exact solve is OBS in closed form, one ``p x p`` system per row for its ``p`` pruned weights
 (batched over the rows that prune as many), plus ``p² · cols`` per row for the scores: an I-OBS
-iteration costs ``O(rows · cols³ / 4)`` at 50 %, cheap for small layers, minutes on a GPU for a
-4096-wide Llama layer (one-shot OBS is ``O(cols³ + rows · cols²)``).
+iteration costs ``O(rows · cols³ / 4)`` at 50 % (one-shot OBS: ``O(cols³ + rows · cols²)``).
+Measured per extra iteration on one CPU core: ~0.15 s for a 352 x 128 layer, ~22 s for 384 x 1536;
+a 4096-wide layer is a GPU job.
 """
 from __future__ import annotations
 
@@ -55,9 +57,10 @@ def hessian_inverse_cholesky(hessian_damped: torch.Tensor) -> torch.Tensor:
 
 def obs_prune(weight: torch.Tensor, hessian_damped: torch.Tensor, pattern: Pattern, sparsity: float,
               block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-shot OBS: columns left to right in blocks of ``block_size``; each block's unstructured mask is chosen by
-    the saliency ``w² / U_jj²`` of its current (already compensated) weights, its columns are swept
-    by :func:`obs_sweep`, and the columns after the block get the block's errors in one matmul.
+    """One-shot OBS: columns left to right in blocks of ``block_size``; each block's unstructured
+    mask is chosen by the saliency ``w² / U_jj²`` of its current (already compensated) weights, its
+    columns are swept by :func:`obs_sweep`, and the columns after the block get the block's errors
+    in one matmul.
 
     Returns the pruned weight (fp32) and the mask (True = pruned). For N:M each group of ``M``
     columns gets its mask when the sweep reaches it, from the weights as the columns before it left
