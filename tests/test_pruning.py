@@ -128,6 +128,25 @@ def test_iobs_ends_on_the_exact_least_squares_of_its_support(pattern):
     assert report.layers[0].error == pytest.approx(history[-1], rel=1e-4)
 
 
+def test_calibration_forms_give_the_same_prune(trained, corpus):
+    """A Dataset, a DataLoader of dicts, a TensorDataset's DataLoader and a list of tensors are the
+    same 24 calibration samples."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import default_data_collator
+
+    ids = torch.tensor(corpus["train"]["input_ids"][:30])
+    forms = [corpus["train"], DataLoader(corpus["train"], batch_size=5, collate_fn=default_data_collator),
+             DataLoader(TensorDataset(ids), batch_size=7), [ids[i:i + 4] for i in range(0, 30, 4)]]
+    weights = []
+    for calibration in forms:
+        model = copy.deepcopy(trained)
+        report = prune(model, calibration=calibration, num_samples=24, method="obs")
+        assert report.num_samples == 24
+        weights.append(model.model.layers[1].mlp.down_proj.weight)
+    for w in weights[1:]:
+        torch.testing.assert_close(w, weights[0], rtol=1e-4, atol=1e-5)
+
+
 def test_report_error_is_the_relative_output_error():
     layer, x = _layer_problem(seed=2)
     pruned, report = _prune_one(layer, x, sparsity=0.5, method="wanda")

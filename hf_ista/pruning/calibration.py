@@ -48,6 +48,8 @@ def calibration_batches(calibration, num_samples: int, batch_size: int = 8) -> l
                          f"batches (tensors or dicts of tensors), got {type(calibration).__name__}")
     batches, seen = [], 0
     for batch in calibration:
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            batch = batch[0]  # a TensorDataset's DataLoader yields [inputs, (targets)]
         if isinstance(batch, dict) or hasattr(batch, "keys"):
             batch = {k: v for k, v in dict(batch).items() if k != "labels" and isinstance(v, torch.Tensor)}
             size = next(iter(batch.values())).shape[0] if batch else 0
