@@ -22,6 +22,47 @@ def _train(args) -> None:
     train_main([args.recipe])
 
 
+def text_blocks(path: str, model_dir: str, seq_len: int, num_samples: int):
+    """``num_samples`` rows of ``seq_len`` tokens cut from a local text file: the model dir's tokenizer
+    if it has one, else bytes (the tiny models' 256-token vocabulary)."""
+    import torch
+
+    text = open(path, "rb").read()
+    try:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(model_dir)(text.decode("utf-8", errors="replace"))["input_ids"]
+    except (OSError, ValueError):
+        ids = list(text)
+    usable = len(ids) // seq_len * seq_len
+    if usable == 0:
+        raise ValueError(f"--calibration {path}: {len(ids)} tokens, fewer than --seq-len {seq_len}")
+    return torch.tensor(ids[:usable]).view(-1, seq_len)[:num_samples]
+
+
+def _prune(args) -> None:
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_ista.model_card import write_pruning_card
+    from hf_ista.pruning import prune
+
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir)
+    rows = text_blocks(args.calibration, args.model_dir, args.seq_len, args.num_samples)
+    batches = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+    report = prune(model, calibration=batches, sparsity=args.sparsity, pattern=args.pattern, method=args.method,
+                   iterations=args.iterations, num_samples=args.num_samples, damp=args.damp,
+                   block_size=args.block_size, progress=True)
+    print(report.table())
+    out = Path(args.output or f"{args.model_dir.rstrip('/')}-pruned")
+    model.save_pretrained(out)
+    write_pruning_card(out / "README.md", report, {})
+    (out / "pruning_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    print(f"saved the pruned model to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hf-ista", description="IST Austria DAS-lab methods for Hugging Face")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +70,21 @@ def main(argv: list[str] | None = None) -> None:
     train = commands.add_parser("train", help="run a recipe (one process; use accelerate launch for more)")
     train.add_argument("recipe")
     train.set_defaults(func=_train)
+    prune = commands.add_parser("prune", help="prune a saved causal LM (magnitude, wanda, obs, iobs)")
+    prune.add_argument("model_dir")
+    prune.add_argument("--calibration", required=True, help="a local text file")
+    prune.add_argument("--sparsity", type=float, default=None, help="share of weights pruned (default 0.5; "
+                       "implied by an N:M pattern)")
+    prune.add_argument("--method", default="iobs", choices=["magnitude", "wanda", "obs", "iobs"])
+    prune.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M (N kept of every M), e.g. 2:4")
+    prune.add_argument("--iterations", type=int, default=3, help="I-OBS iterations")
+    prune.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
+    prune.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
+    prune.add_argument("--batch-size", type=int, default=8)
+    prune.add_argument("--damp", type=float, default=0.01)
+    prune.add_argument("--block-size", type=int, default=128)
+    prune.add_argument("--output", default=None, help="where to save (default MODEL_DIR-pruned)")
+    prune.set_defaults(func=_prune)
     args = parser.parse_args(argv)
     import hf_ista  # noqa: F401  (registers the optimizers)
 

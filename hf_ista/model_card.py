@@ -54,9 +54,35 @@ def rank_metric_section(result: dict, template: str = "rank_metric.md") -> str:
     table = result["rank_metrics"]
     names = sorted({name for row in table.values() for name in row})
     rows = [[f"{r}", *[f"{table[r][n]:.4f}" if n in table[r] else "" for n in names]] for r in table]
-    aurac_spec = next((spec["aurac"] for spec in result.get("callbacks") or [] if "aurac" in spec), None) or {}
+    aurac_spec = next((kwargs for name, kwargs in result.get("callback_specs") or [] if name == "aurac"), {})
     adapter = ", ".join(f"{k}={v}" for k, v in (result.get("adapter") or {}).items())
     return string.Template((template_dir() / template).read_text()).substitute(
         adapter=adapter, rank_table=markdown_table(["rank", *[f"eval {n}" for n in names]], rows),
         axis=aurac_spec.get("axis", "log2"), aurac="n/a" if result.get("aurac") is None else f"{result['aurac']:.4f}",
     )
+
+
+def pruning_section(report, metrics: dict) -> str:
+    """A "## Pruning" model-card section: the settings, eval before/after and the per-layer table."""
+    lines = ["## Pruning", "",
+             f"Pruned after training with `hf_ista.pruning.prune`: method `{report.method}`, pattern "
+             f"`{report.pattern}`, {report.iterations} iteration(s), {report.num_samples} calibration samples, "
+             f"{report.seconds:.1f} s. Weights pruned to exact zeros (no mask buffers): overall sparsity "
+             f"{report.sparsity:.4f}, relative reconstruction error ‖WX − ŴX‖²/‖WX‖² summed over layers "
+             f"{report.total_error:.5f}.", ""]
+    if "pruning_eval_loss_before" in metrics:
+        lines += [markdown_table(["", "eval loss", "perplexity"], [
+            ["before pruning", f"{metrics['pruning_eval_loss_before']:.4f}", f"{metrics['pruning_perplexity_before']:.3f}"],
+            ["after pruning", f"{metrics['pruning_eval_loss_after']:.4f}", f"{metrics['pruning_perplexity_after']:.3f}"],
+        ]), ""]
+    lines += [markdown_table(report.HEADER, report.rows()), ""]
+    return "\n".join(lines)
+
+
+def write_pruning_card(path: Path, report, metrics: dict) -> str:
+    """Append the pruning section to the card at ``path`` (created if missing)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Pruned model\n"
+    text = text.rstrip("\n") + "\n\n" + pruning_section(report, metrics)
+    path.write_text(text)
+    return text

@@ -10,6 +10,7 @@ A recipe is one flat YAML file: the model and data keys of :class:`RecipeArgumen
         {type: matryoshka_lora, r: 16, target_modules: [q_proj, v_proj]}
       callbacks:                 # Trainer callbacks, each {name: kwargs} (CALLBACKS)
         - {aurac: {ranks: [1, 2, 4, 8, 16]}}
+        - {iobs_pruning: {sparsity: 0.5, method: iobs}}
 
 Every run trains the plain ``transformers.Trainer``. The main process then prints a table (eval
 loss, optimizer state bytes per parameter) and writes ``loss_curve.png`` and a model card
@@ -35,8 +36,12 @@ from hf_ista.integrations.transformers import OPTIMIZERS, optimizer_kwargs, pars
 from hf_ista.model_card import write_model_card
 
 
-# The hf_ista block's names -> "module:Class"; the recipe gives the keyword arguments.
-CALLBACKS = {"aurac": "hf_ista.callbacks:AURACCallback"}
+# The hf_ista block's names -> "module:Class", imported only when a recipe names them; the recipe
+# gives the keyword arguments.
+CALLBACKS = {
+    "aurac": "hf_ista.callbacks:AURACCallback",
+    "iobs_pruning": "hf_ista.callbacks.iobs:IOBSPruningCallback",
+}
 ADAPTERS = {"matryoshka_lora": "hf_ista.peft.matryoshka_lora:MatryoshkaLoraConfig"}
 BLOCK_KEYS = ("adapter", "baselines", "callbacks")
 
@@ -46,21 +51,30 @@ def _load(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def build_callbacks(specs) -> list:
-    """``[{name: kwargs}, ...]`` -> callback instances, looked up in ``CALLBACKS``."""
-    if specs is None:
-        return []
-    if not isinstance(specs, list):
-        raise ValueError(f"hf_ista.callbacks must be a list of {{name: kwargs}}, got {specs!r}")
-    callbacks = []
-    for spec in specs:
-        if not (isinstance(spec, dict) and len(spec) == 1):
-            raise ValueError(f"hf_ista.callbacks: each entry must be one {{name: kwargs}}, got {spec!r}")
-        (name, kwargs), = spec.items()
+def callback_specs(entries, path="hf_ista block") -> list[tuple[str, dict]]:
+    """``[{name: kwargs} | name | (name, kwargs), ...]`` checked into ``[(name, kwargs), ...]``."""
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: hf_ista.callbacks must be a list of {{name: kwargs}}, got {entries!r}")
+    specs = []
+    for entry in entries:
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        elif isinstance(entry, tuple) and len(entry) == 2:  # already checked
+            entry = {entry[0]: entry[1]}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"{path}: each hf_ista.callbacks entry must be one {{name: kwargs}}, got {entry!r}")
+        (name, kwargs), = entry.items()
         if name not in CALLBACKS:
-            raise ValueError(f"hf_ista.callbacks: unknown callback {name!r}; accepted: {sorted(CALLBACKS)}")
-        callbacks.append(_load(CALLBACKS[name])(**(kwargs or {})))
-    return callbacks
+            raise ValueError(f"{path}: unknown callback {name!r}; accepted: {sorted(CALLBACKS)}")
+        if not isinstance(kwargs or {}, dict):
+            raise ValueError(f"{path}: the kwargs of callback {name!r} must be a mapping, got {kwargs!r}")
+        specs.append((name, dict(kwargs or {})))
+    return specs
+
+
+def build_callbacks(entries) -> list:
+    """Callback instances for the entries of a recipe's ``callbacks:`` list (see :func:`callback_specs`)."""
+    return [_load(CALLBACKS[name])(**kwargs) for name, kwargs in callback_specs(entries or [])]
 
 
 def build_adapter_config(spec):
@@ -108,7 +122,9 @@ def load_recipe(path: str | Path, overrides: dict | None = None):
     if unknown:
         raise ValueError(f"{path}: unknown keys in the hf_ista block: {sorted(unknown)}; accepted: {list(BLOCK_KEYS)}")
     build_adapter_config(block.get("adapter"))  # fail now, with our message, not after loading the data
-    build_callbacks(block.get("callbacks"))
+    if block.get("callbacks") is not None:
+        block["callbacks"] = callback_specs(block["callbacks"], path)
+        build_callbacks(block["callbacks"])  # a bad kwarg fails now, not after training
     parser = HfArgumentParser((RecipeArguments, TrainingArguments))
     recipe, training_args = parser.parse_dict(raw, allow_extra_keys=False)
     optim = getattr(training_args.optim, "value", training_args.optim)
@@ -140,8 +156,10 @@ def run(recipe: RecipeArguments, training_args, block: dict | None = None) -> di
         from peft import get_peft_model
 
         model = get_peft_model(model, adapter)
+    specs = callback_specs(block.get("callbacks") or [])
+    callbacks = build_callbacks(specs)
     trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["eval"],
-                      callbacks=build_callbacks(block.get("callbacks")))
+                      callbacks=callbacks)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     seconds = time.perf_counter() - start
@@ -166,9 +184,13 @@ def run(recipe: RecipeArguments, training_args, block: dict | None = None) -> di
         "is_main": trainer.is_world_process_zero(),
         "world_size": training_args.world_size,
         "adapter": block.get("adapter"),
-        "callbacks": block.get("callbacks"),
         "rank_metrics": rank_metrics(metrics),
         "aurac": metrics.get("eval_aurac"),
+        "callback_specs": specs,
+        # what the callbacks measured (e.g. eval loss before / after pruning), by callback name
+        "callbacks": {name: getattr(cb, "metrics", {}) for (name, _), cb in zip(specs, callbacks)},
+        # model-card sections of callbacks that changed the saved model (the pruning table)
+        "card_sections": [cb.model_card_section() for cb in callbacks if hasattr(cb, "model_card_section")],
     }
 
 
@@ -263,9 +285,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("\n" + format_table(results) + "\n", flush=True)
         if results[0]["rank_metrics"]:
             print(format_rank_table(results[0]) + "\n", flush=True)
+        for name, metrics in results[0]["callbacks"].items():
+            if metrics:
+                print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + "\n", flush=True)
         plot_loss_curves(results, out_dir / "loss_curve.png")
-        write_model_card(out_dir / "README.md", recipe_path, dataclasses.asdict(recipe), results)
-        summary = [{k: v for k, v in r.items() if k != "log_history"} for r in results]
+        card = write_model_card(out_dir / "README.md", recipe_path, dataclasses.asdict(recipe), results)
+        if results[0]["card_sections"]:
+            (out_dir / "README.md").write_text("\n\n".join([card.rstrip("\n"), *results[0]["card_sections"]]))
+        summary = [{k: v for k, v in r.items() if k not in ("log_history", "card_sections")} for r in results]
         (out_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     return results
 

@@ -70,3 +70,13 @@ def test_matryoshka_lora_kernels_compile_for_sm90(facts):
         # bf16 tiles go to the tensor cores; fp32 stays IEEE fp32 (FMA), never TF32, like the torch twin
         assert tensor_core == key.endswith("[bf16]"), (key, f["ops"])
         assert not any(op.startswith("atom") for op in f["ops"])
+
+
+def test_pruning_kernels_compile_for_sm90(facts):
+    family = facts["pruning"]
+    assert {key.split("[")[0] for key in family} == set(facts["defined"]["pruning"])
+    assert len(family) == 5
+    _exact(family)
+    for key in ("_select_rows_kernel[saliency]", "_select_nm_kernel[2:4]", "_obs_sweep_kernel[unstructured]",
+                "_obs_sweep_kernel[2:4]"):
+        assert "div.rn.f32" in family[key]["ops"], key

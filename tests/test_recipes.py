@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def test_the_method_recipes_exist():
     names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
-    assert {"quickstart.yaml", "ldadam/quickstart.yaml", "dct_adamw/quickstart.yaml", "dash/quickstart.yaml"} <= names
+    assert {"quickstart.yaml", "ldadam/quickstart.yaml", "dct_adamw/quickstart.yaml", "dash/quickstart.yaml",
+            "iobs/quickstart.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())

@@ -1,4 +1,6 @@
-"""Trainer callbacks: thin, they call the algorithms and log."""
+"""Trainer callbacks: thin wrappers that call the algorithms (``hf_ista.pruning``, the AURAC of
+``hf_ista.peft``'s adapters) and log what they did. Use them as ``Trainer(..., callbacks=[...])``."""
 from .aurac import AURACCallback, aurac
+from .iobs import IOBSPruningCallback
 
-__all__ = ["AURACCallback", "aurac"]
+__all__ = ["AURACCallback", "IOBSPruningCallback", "aurac"]

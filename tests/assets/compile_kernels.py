@@ -1,4 +1,4 @@
-"""Compile every Triton kernel (MicroAdam, low-rank, DASH, MatryoshkaLoRA) for an H100 (sm_90) without a GPU; print JSON
+"""Compile every Triton kernel (MicroAdam, low-rank, DASH, MatryoshkaLoRA, pruning) for an H100 (sm_90) without a GPU; print JSON
 facts ``{family: {kernel: {"cubin_bytes": ..., "ops": [...]}}}`` and, under ``"defined"``, the
 names of the Triton kernels (``*_kernel``, not the device helpers) each family's module defines,
 so a new kernel cannot be forgotten here.
@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hf_ista.kernels import dash, lowrank, matryoshka_lora, microadam
+from hf_ista.kernels import dash, lowrank, matryoshka_lora, microadam, pruning
 
 MICROADAM = {
     "_select_topk_kernel": ({"a_ptr": "*fp32", "idx_ptr": "*i16", "val_ptr": "*bf16", "row_offset": "i32",
@@ -77,11 +77,26 @@ def _matryoshka(dtype: str) -> dict:
 
 MATRYOSHKA = {**_matryoshka("fp32"), **_matryoshka("bf16")}
 
+_SELECT_ROWS = {"w_ptr": "*fp32", "d_ptr": "*fp32", "counts_ptr": "*i32", "prune_ptr": "*i8", "cols": "i32",
+                "SQUARE": "constexpr", "BLOCK": "constexpr"}
+_SELECT_NM = {"w_ptr": "*fp32", "d_ptr": "*fp32", "prune_ptr": "*i8", "cols": "i32", "N": "constexpr",
+              "M": "constexpr", "SQUARE": "constexpr", "GROUPS": "constexpr"}
+_SWEEP = {"w_ptr": "*fp32", "u_ptr": "*fp32", "prune_ptr": "*i8", "q_ptr": "*fp32", "err_ptr": "*fp32",
+          "rows": "i32", "b": "i32", "N": "constexpr", "M": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr"}
+PRUNING = {
+    "_select_rows_kernel[saliency]": (_SELECT_ROWS, {"SQUARE": True, "BLOCK": 128}),
+    "_select_rows_kernel[scores]": (_SELECT_ROWS, {"SQUARE": False, "BLOCK": 4096}),
+    "_select_nm_kernel[2:4]": (_SELECT_NM, {"N": 2, "M": 4, "SQUARE": True, "GROUPS": 64}),
+    "_obs_sweep_kernel[unstructured]": (_SWEEP, {"N": 0, "M": 0, "ROWS": 16, "BLOCK": 128}),
+    "_obs_sweep_kernel[2:4]": (_SWEEP, {"N": 2, "M": 4, "ROWS": 16, "BLOCK": 128}),
+}
+
 OPS = re.compile(r"\b(div\.\w+\.f32|sqrt\.\w+(?:\.\w+)*\.f32|fma\.rn\.f32|atom\.[\w.]+|w?gmma[\w.]*|mma\.sync[\w.]*)")
 
 facts = {"defined": {}}
 for family, module, kernels in (("microadam", microadam, MICROADAM), ("lowrank", lowrank, LOWRANK),
-                                ("dash", dash, DASH), ("matryoshka_lora", matryoshka_lora, MATRYOSHKA)):
+                                ("dash", dash, DASH), ("matryoshka_lora", matryoshka_lora, MATRYOSHKA),
+                                ("pruning", pruning, PRUNING)):
     facts[family] = {}
     facts["defined"][family] = sorted(n for n, v in vars(module).items()
                                       if isinstance(v, triton.JITFunction) and n.endswith("_kernel"))
