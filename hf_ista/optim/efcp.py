@@ -195,7 +195,7 @@ class SparseMFAC(_EFCP):
 
     _global_keys = ("m", "damp")
 
-    def __init__(self, params, lr: float = 1e-3, m: int = 32, density: float = 0.01, damp: float = 1e-6,
+    def __init__(self, params, lr: float = 3e-2, m: int = 32, density: float = 0.01, damp: float = 1e-6,
                  momentum: float = 0.0, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, m=m, density=density, damp=damp, momentum=momentum,
                                       weight_decay=weight_decay))
@@ -230,7 +230,7 @@ class SparseGGT(_EFCP):
 
     _global_keys = ("m", "eps", "rcond")
 
-    def __init__(self, params, lr: float = 1e-3, m: int = 32, density: float = 0.01, eps: float = 1e-4,
+    def __init__(self, params, lr: float = 1.0, m: int = 32, density: float = 0.01, eps: float = 1e-4,
                  momentum: float = 0.0, weight_decay: float = 0.0, rcond: float = 1e-10):
         super().__init__(params, dict(lr=lr, m=m, density=density, eps=eps, momentum=momentum,
                                       weight_decay=weight_decay, rcond=rcond))
