@@ -59,3 +59,11 @@ def test_dash_kernels_compile_for_sm90(facts):
     # still no atomics and no approximate division.
     ops = set(family["_symmetric_ema_kernel"]["ops"])
     assert not any(op.startswith("atom") or ".approx" in op for op in ops), ops
+
+
+def test_efcp_kernels_compile_for_sm90(facts):
+    family = facts["efcp"]
+    assert set(family) == set(facts["defined"]["efcp"]) == {"_compress_kernel", "_row_dots_kernel",
+                                                            "_combine_rows_kernel"}
+    # no atomics (deterministic Gᵀ·w), no fma, no approximate division
+    _exact(family)
