@@ -118,6 +118,15 @@ def part_step(args, device) -> list[dict]:
     return rows
 
 
+def paper_window(model, density: float, m: int = 1024) -> dict:
+    """Window bytes at the paper's m (from the layout, nothing allocated): sparse vs dense rows."""
+    from hf_ista.kernels.efcp import layout
+
+    sparse = sum(m * layout(p.numel(), density).k * 8 for p in model.parameters())  # int32 + fp32
+    dense = sum(m * p.numel() * 4 for p in model.parameters())
+    return {"m": m, "density": density, "sparse_bytes": sparse, "dense_bytes": dense, "ratio": sparse / dense}
+
+
 def step_table(rows: list[dict]) -> str:
     head = ["optimizer", "window MiB", "window / dense window", "state B/param", "step ms", "step / adamw"]
     lines = []
@@ -175,6 +184,9 @@ def main(argv=None) -> int:
         print(f"(1) memory and step time: tiny_llama({args.size!r}), m = {args.m}, density {args.density:g}", flush=True)
         result["step"] = part_step(args, device)
         print(step_table(result["step"]), flush=True)
+        paper = result["paper_window"] = paper_window(tiny_llama(args.size), args.density)
+        print(f"window at m = 1024 (computed from the layout): {paper['sparse_bytes'] / 2**20:.1f} MiB sparse vs "
+              f"{paper['dense_bytes'] / 2**20:.1f} MiB dense ({paper['ratio']:.4f}, 1/{1 / paper['ratio']:.0f})", flush=True)
     if "convergence" in parts:
         result["convergence"] = part_convergence(args)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"efcp-{common.slug(label)}.json"
