@@ -272,3 +272,16 @@ def test_the_window_is_global_so_m_must_agree_across_groups():
     assert set(opt.state[a]) == {"indices", "values", "error", "gram", "step"}
     assert set(opt.state[b]) == {"indices", "values", "error", "momentum"}
     assert opt.state[a]["indices"].shape == (4, 1, 32) and opt.state[b]["indices"].shape == (4, 1, 1)
+
+
+def test_a_parameter_without_gradient_is_not_moved_and_no_gradient_is_no_step():
+    params = _params()
+    opt = SparseMFAC(params, lr=1e-2, m=3, density=0.1)
+    opt.step()  # no gradient anywhere: nothing happens
+    assert all(not opt.state[p] for p in params)
+    grads = _grads(0)
+    params[0].grad, params[2].grad = grads[0], grads[2]
+    opt.step()
+    assert torch.equal(params[1], torch.zeros(SHAPES[1])) and params[0].abs().sum() > 0
+    assert opt.state[params[0]]["step"] == 1
+    assert torch.count_nonzero(opt.state[params[1]]["values"]) == 0  # a zero gradient in the window

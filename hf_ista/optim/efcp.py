@@ -29,8 +29,10 @@ per-parameter slices — each parameter's state holds its own ``indices``, ``val
 first non-empty parameter of the first group: only ``state[param]`` and ``param_groups`` are saved,
 so everything round-trips through ``state_dict``. ``m``, ``damp`` / ``eps`` are global and must be
 the same in every group; ``density`` may differ per group. The rows of the window that are not
-filled yet are zero (``1/m`` is kept, as in the authors' code). A gradient that is ``None`` counts
-as zero; if any gradient holds NaN or inf the whole step is skipped (the preconditioner is global).
+filled yet are zero (``1/m`` is kept, as in the authors' code). A parameter whose gradient is
+``None`` enters the window with a zero gradient (its error feedback goes on) and is not moved; if
+any gradient holds NaN or inf, or none exists, the whole step is skipped (the preconditioner is
+global).
 
 State bytes per parameter of ``d`` elements at density ``ρ``: ``8·m·ρ·d`` (window: int32 + fp32)
 ``+ 4·d`` (error) ``[+ 4·d`` momentum``]``, plus ``4·m²`` for the Gram once. ``density=1``
@@ -116,7 +118,7 @@ class _EFCP(IstaOptimizer):
     def _update_all(self, work: list[tuple[torch.Tensor, dict]]) -> None:
         params = self._params()
         with_grad = sum(1 for p, _ in params if p.grad is not None)
-        if not params or len(work) < with_grad:  # some gradient is not finite: skip the global step
+        if not with_grad or len(work) < with_grad:  # no gradient, or one is not finite: skip the global step
             return
         anchor = params[0][0]
         for i, (p, group) in enumerate(params):
@@ -153,6 +155,8 @@ class _EFCP(IstaOptimizer):
         alpha, w = self._coefficients(gram, row, self.param_groups[0])
         w32 = w.to(torch.float32)
         for (p, group), c in zip(params, cs):
+            if p.grad is None:  # as in torch's optimizers: a parameter without gradient is not moved
+                continue
             state = self.state[p]
             u = c.mul_(alpha)
             K.combine_rows(state["indices"], state["values"], w32.to(p.device), u)
