@@ -158,3 +158,20 @@ def test_optimizer_on_triton_backend_equals_torch_backend():
         assert torch.equal(oa.state[p]["indices"], ob.state[q]["indices"])
         assert torch.equal(oa.state[p]["error"], ob.state[q]["error"])
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_compress_of_a_bf16_gradient_on_cuda_equals_the_cpu_twin():
+    numel, density = 70000, 0.01
+    lay = K.layout(numel, density)
+    grad = torch.randn(numel, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    outs = []
+    for device, fn in (("cpu", K.compress_torch), ("cuda", K.compress_triton)):
+        e = torch.zeros(lay.padded, device=device)
+        i = torch.zeros(2, lay.n_chunks, lay.k_chunk, dtype=torch.int32, device=device)
+        v = torch.zeros(2, lay.n_chunks, lay.k_chunk, device=device)
+        c = torch.empty(lay.padded, device=device)
+        fn(grad.to(device), e, i, v, c, 0, lay.chunk)
+        outs.append([t.cpu() for t in (e, i, v, c)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
