@@ -189,7 +189,8 @@ class SparseMFAC(_EFCP):
 
     Args:
         lr: learning rate (> 0); the direction is ``F̂⁻¹c``, Newton-like: it is about ``m/‖g‖``
-            times a gradient, so learning rates are far below SGD's (see ``benchmarks/efcp.py``).
+            times a gradient, so learning rates are far below SGD's; 0.01 (dense) to 0.03 (1 %) were
+            best in ``benchmarks/efcp.py``'s sweep on the tiny Llama.
         m: window size (>= 1; 1024 in the paper).
         density: fraction of each gradient kept in the window, in (0, 1] (default 1 %).
         damp: the damping ``λ`` of ``F̂ = λI + (1/m) Σ c_i c_iᵀ`` (> 0; the paper uses 1e-4..1e-7).
@@ -223,7 +224,8 @@ class SparseGGT(_EFCP):
     ``density=1`` is dense GGT.
 
     Args:
-        lr: learning rate (> 0).
+        lr: learning rate (> 0); the direction has about unit norm in the window's span, so the
+            best lr of ``benchmarks/efcp.py``'s sweep on the tiny Llama was 0.3.
         m: window size (>= 1).
         density: fraction of each gradient kept in the window, in (0, 1].
         eps: ``ε`` of ``U_r [diag(1/(σ+ε)) − I/ε] U_rᵀ c + c/ε`` (> 0).
@@ -234,7 +236,7 @@ class SparseGGT(_EFCP):
 
     _global_keys = ("m", "eps", "rcond")
 
-    def __init__(self, params, lr: float = 1.0, m: int = 32, density: float = 0.01, eps: float = 1e-4,
+    def __init__(self, params, lr: float = 0.3, m: int = 32, density: float = 0.01, eps: float = 1e-4,
                  momentum: float = 0.0, weight_decay: float = 0.0, rcond: float = 1e-10):
         super().__init__(params, dict(lr=lr, m=m, density=density, eps=eps, momentum=momentum,
                                       weight_decay=weight_decay, rcond=rcond))
