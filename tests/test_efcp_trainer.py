@@ -81,9 +81,14 @@ def test_command_line(tmp_path):
                                                                    "density": 0.05}
 
 
-def _train(tmp_path, corpus, out_name, resume=None):
-    args = _args(tmp_path, output_dir=str(tmp_path / out_name), optim="sparse_mfac", learning_rate=0.03,
-                 optim_args="m=3,density=0.05,damp=1e-5,momentum=0.5", max_steps=8, logging_steps=1,
+RESUME = {"sparse_mfac": (0.03, "m=3,density=0.05,damp=1e-5,momentum=0.5"),
+          "sparse_ggt": (0.3, "m=3,density=0.05,eps=1e-4,momentum=0.5")}
+
+
+def _train(tmp_path, corpus, out_name, resume=None, optim="sparse_mfac"):
+    lr, optim_args = RESUME[optim]
+    args = _args(tmp_path, output_dir=str(tmp_path / out_name), optim=optim, learning_rate=lr,
+                 optim_args=optim_args, max_steps=8, logging_steps=1,
                  save_strategy="steps", save_steps=4, lr_scheduler_type="linear", weight_decay=0.01)
     trainer = Trainer(model=tiny_llama("nano"), args=args, train_dataset=corpus["train"])
     trainer.train(resume_from_checkpoint=resume)
@@ -91,15 +96,16 @@ def _train(tmp_path, corpus, out_name, resume=None):
     return trainer, losses
 
 
-def test_resume_after_the_ring_wrapped_gives_identical_losses(tmp_path, corpus):
-    full, full_losses = _train(tmp_path, corpus, "full")
+@pytest.mark.parametrize("optim", list(RESUME))
+def test_resume_after_the_ring_wrapped_gives_identical_losses(tmp_path, corpus, optim):
+    full, full_losses = _train(tmp_path, corpus, "full", optim=optim)
     checkpoint = Path(full.args.output_dir) / "checkpoint-4"  # m = 3: the ring has wrapped at step 4
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     key_sets = [frozenset(s) for s in saved["state"].values()]
     assert key_sets.count(frozenset({"indices", "values", "error", "momentum", "gram", "step"})) == 1
     assert all(k == frozenset({"indices", "values", "error", "momentum"}) for k in key_sets[1:])
     assert all(s["indices"].dtype == torch.int32 for s in saved["state"].values())
-    resumed, resumed_losses = _train(tmp_path, corpus, "full", resume=str(checkpoint))
+    resumed, resumed_losses = _train(tmp_path, corpus, "full", resume=str(checkpoint), optim=optim)
     assert sorted(resumed_losses) == sorted(full_losses) == list(range(1, 9))
     assert [resumed_losses[s] for s in range(5, 9)] == [full_losses[s] for s in range(5, 9)]
     assert len(set(full_losses.values())) > 4
