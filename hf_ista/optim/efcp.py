@@ -34,6 +34,9 @@ filled yet are zero (``1/m`` is kept, as in the authors' code). A parameter whos
 any gradient holds NaN or inf, or none exists, the whole step is skipped (the preconditioner is
 global).
 
+Host syncs in ``step``: the base class's one NaN/inf check; M-FAC's ``cholesky_ex`` has none; GGT's
+``torch.linalg.eigh`` may synchronise on CUDA (not measured: no GPU was available).
+
 State bytes per parameter of ``d`` elements at density ``ρ``: ``8·m·ρ·d`` (window: int32 + fp32)
 ``+ 4·d`` (error) ``[+ 4·d`` momentum``]``, plus ``4·m²`` for the Gram once. ``density=1``
 stores dense rows (``4·m·d``, no indices) and no error: the dense method.
