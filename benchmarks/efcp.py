@@ -2,7 +2,8 @@
 
 1. **Memory and step time** — the weights of one ``tiny_llama`` (``--size``) with one fixed
    gradient; every optimizer takes ``--warmup`` untimed steps (which fill the window), then
-   ``--steps`` timed ones. Reported: the window's bytes (indices + values), all state bytes per
+   ``--steps`` timed ones, the optimizers stepping in turn (round robin) so that a busy machine
+   slows every row alike. Reported: the window's bytes (indices + values), all state bytes per
    parameter, the mean step time and its ratio to ``torch.optim.AdamW`` measured in the same run.
 2. **Convergence** — the quickstart task (a ``tiny_llama`` from scratch on Python's own sources,
    byte level) at equal steps through the Trainer, each optimizer at its best lr of a small sweep
@@ -48,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--damp", type=float, default=1e-6, help="M-FAC's damping")
     p.add_argument("--ggt-eps", type=float, default=1e-4, help="GGT's epsilon")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default: m, the window fills)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--batch", type=int, default=8, help="sequences of 128 bytes for the one fixed gradient")
     p.add_argument("--scratch-steps", type=int, default=150, help="convergence: steps per run")
     p.add_argument("--scratch-batch-size", type=int, default=16)
@@ -88,15 +89,16 @@ def fixed_gradients(args, device) -> tuple[torch.nn.Module, list[torch.Tensor]]:
 
 
 def part_step(args, device) -> list[dict]:
+    """Every optimizer steps in turn (round robin), so a busy machine slows all rows alike."""
     model, grads = fixed_gradients(args, device)
     n_params = sum(p.numel() for p in model.parameters())
     warmup = args.m if args.warmup is None else args.warmup
-    rows = []
+    runs = []
     for label, make in optimizer_rows(args):
         params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-        opt = make(params)
-        times = []
-        for i in range(warmup + args.steps):
+        runs.append((label, params, make(params), []))
+    for i in range(warmup + args.steps):
+        for label, params, opt, times in runs:
             for p, g in zip(params, grads):
                 # a different gradient each step (the window must not hold one vector m times)
                 p.grad = g * (1.0 + 0.01 * (i % 7)) + 1e-4 * torch.randn_like(g)
@@ -106,6 +108,8 @@ def part_step(args, device) -> list[dict]:
             common.sync()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
+    rows = []
+    for label, params, opt, times in runs:
         window = opt.window_bytes() if hasattr(opt, "window_bytes") else 0
         rows.append({"optimizer": label, "params": n_params, "window_bytes": window,
                      "dense_window_bytes": 4 * args.m * n_params if hasattr(opt, "window_bytes") else 0,
