@@ -10,7 +10,7 @@ import torch
 
 ASSETS = Path(__file__).parent / "assets"
 RECIPES = {"short_microadam": "MicroAdam", "short_ldadam": "LDAdam", "short_dct_adamw": "DCTAdamW",
-           "short_dash": "DASH"}
+           "short_dash": "DASH", "short_sparse_mfac": "SparseMFAC"}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,9 @@ def test_two_ranks_end_identical(ddp_runs, name):
         low_rank_key = {"short_ldadam": "error", "short_dct_adamw": "error_codes"}[name]
         n_low_rank = {"short_ldadam": 15, "short_dct_adamw": 8}[name]  # all-linear / attention only
         assert sum(low_rank_key in s for s in ranks[0]["state"].values()) == n_low_rank
+    if name == "short_sparse_mfac":  # one global window: the Gram lives in the first parameter's state only
+        assert sum("gram" in s for s in ranks[0]["state"].values()) == 1
+        assert all(s["indices"].dtype == torch.int32 for s in ranks[0]["state"].values())
     if name == "short_dash":  # every matrix stacked (embedding, 14 projections, lm_head); norms on AdamW
         assert sum("L_root" in s for s in ranks[0]["state"].values()) == 16
     states = [r["state"] for r in ranks]

@@ -80,3 +80,11 @@ def test_pruning_kernels_compile_for_sm90(facts):
     for key in ("_select_rows_kernel[saliency]", "_select_nm_kernel[2:4]", "_obs_sweep_kernel[unstructured]",
                 "_obs_sweep_kernel[2:4]"):
         assert "div.rn.f32" in family[key]["ops"], key
+
+
+def test_efcp_kernels_compile_for_sm90(facts):
+    family = facts["efcp"]
+    assert set(family) == set(facts["defined"]["efcp"]) == {"_compress_kernel", "_row_dots_kernel",
+                                                            "_combine_rows_kernel"}
+    # no atomics (deterministic Gᵀ·w), no fma, no approximate division
+    _exact(family)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def test_the_method_recipes_exist():
     names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
     assert {"quickstart.yaml", "ldadam/quickstart.yaml", "dct_adamw/quickstart.yaml", "dash/quickstart.yaml",
-            "iobs/quickstart.yaml"} <= names
+            "iobs/quickstart.yaml", "sparse_mfac/quickstart.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
@@ -34,6 +34,7 @@ def test_recipe_parses_with_checked_optim_args(path):
     ("ldadam", {"rank": 16, "optim_target_modules": "all-linear"}),
     ("dct_adamw", {"rank": 16, "optim_target_modules": "all-linear"}),
     ("dash", {"inv_root": "ndb", "precond_freq": 10, "block_size": 1024, "eps": 1e-6}),
+    ("sparse_mfac", {"m": 32, "density": 0.01, "damp": 1e-6}),
 ])
 def test_method_quickstart_trains(method, hypers, tmp_path):
     recipe, args, _ = train.load_recipe(ROOT / "recipes" / method / "quickstart.yaml",

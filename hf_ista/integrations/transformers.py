@@ -72,6 +72,9 @@ class OptimizerSpec:
 _BETAS = Hyper(tuple, None, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two floats in [0, 1) as b1:b2")
 _EPS = Hyper(float, None, lambda v: v >= 0, "a float >= 0")
 _RANK = Hyper(int, 16, lambda v: v >= 1, "an integer >= 1")
+_WINDOW = Hyper(int, 32, lambda v: v >= 1, "an integer >= 1")
+_DENSITY = Hyper(float, 0.01, lambda v: 0 < v <= 1, "a float in (0, 1]")
+_MOMENTUM = Hyper(float, 0.0, lambda v: 0 <= v < 1, "a float in [0, 1)")
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "microadam": OptimizerSpec(
@@ -126,6 +129,27 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "cheby_degree": Hyper(int, 40, lambda v: v >= 1, "an integer >= 1"),
             "start_step": Hyper(int, 1, lambda v: v >= 1, "an integer >= 1"),
             "one_dim": Hyper(str, "adamw", choices=("adamw", "shampoo")),
+        },
+        adam_like=False,
+    ),
+    "sparse_mfac": OptimizerSpec(
+        "hf_ista.optim.efcp:SparseMFAC",
+        {
+            "m": _WINDOW,
+            "density": _DENSITY,
+            "damp": Hyper(float, 1e-6, lambda v: v > 0, "a float > 0"),
+            "momentum": _MOMENTUM,
+        },
+        adam_like=False,
+    ),
+    "sparse_ggt": OptimizerSpec(
+        "hf_ista.optim.efcp:SparseGGT",
+        {
+            "m": _WINDOW,
+            "density": _DENSITY,
+            "eps": Hyper(float, 1e-4, lambda v: v > 0, "a float > 0"),
+            "momentum": _MOMENTUM,
+            "rcond": Hyper(float, 1e-10, lambda v: 0 <= v < 1, "a float in [0, 1)"),
         },
         adam_like=False,
     ),

@@ -2,7 +2,8 @@
 from ._base import IstaOptimizer, state_bytes
 from .dash import DASH
 from .dct_adamw import DCTAdamW
+from .efcp import SparseGGT, SparseMFAC
 from .ldadam import LDAdam
 from .microadam import MicroAdam
 
-__all__ = ["DASH", "DCTAdamW", "IstaOptimizer", "LDAdam", "MicroAdam", "state_bytes"]
+__all__ = ["DASH", "DCTAdamW", "IstaOptimizer", "LDAdam", "MicroAdam", "SparseGGT", "SparseMFAC", "state_bytes"]

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel (MicroAdam, low-rank, DASH, MatryoshkaLoRA, pruning) for an H100 (sm_90) without a GPU; print JSON
+"""Compile every Triton kernel (MicroAdam, low-rank, DASH, MatryoshkaLoRA, pruning, EFCP) for an H100 (sm_90) without a GPU; print JSON
 facts ``{family: {kernel: {"cubin_bytes": ..., "ops": [...]}}}`` and, under ``"defined"``, the
 names of the Triton kernels (``*_kernel``, not the device helpers) each family's module defines,
 so a new kernel cannot be forgotten here.
@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hf_ista.kernels import dash, lowrank, matryoshka_lora, microadam, pruning
+from hf_ista.kernels import dash, efcp, lowrank, matryoshka_lora, microadam, pruning
 
 MICROADAM = {
     "_select_topk_kernel": ({"a_ptr": "*fp32", "idx_ptr": "*i16", "val_ptr": "*bf16", "row_offset": "i32",
@@ -91,12 +91,22 @@ PRUNING = {
     "_obs_sweep_kernel[2:4]": (_SWEEP, {"N": 2, "M": 4, "ROWS": 16, "BLOCK": 128}),
 }
 
+EFCP = {
+    "_compress_kernel": ({"grad_ptr": "*bf16", "err_ptr": "*fp32", "idx_ptr": "*i32", "val_ptr": "*fp32",
+                          "c_ptr": "*fp32", "row_offset": "i64", "d": "i64", "chunk": "i32", "k_chunk": "i32",
+                          "BLOCK": "constexpr"}, {"BLOCK": 2048}),
+    "_row_dots_kernel": ({"idx_ptr": "*i32", "val_ptr": "*fp32", "x_ptr": "*fp32", "out_ptr": "*fp32", "k": "i32",
+                          "BLOCK": "constexpr"}, {"BLOCK": 1024}),
+    "_combine_rows_kernel": ({"idx_ptr": "*i32", "val_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32",
+                              "m": "i32", "n_chunks": "i32", "k_chunk": "i32", "BLOCK": "constexpr"}, {"BLOCK": 512}),
+}
+
 OPS = re.compile(r"\b(div\.\w+\.f32|sqrt\.\w+(?:\.\w+)*\.f32|fma\.rn\.f32|atom\.[\w.]+|w?gmma[\w.]*|mma\.sync[\w.]*)")
 
 facts = {"defined": {}}
 for family, module, kernels in (("microadam", microadam, MICROADAM), ("lowrank", lowrank, LOWRANK),
                                 ("dash", dash, DASH), ("matryoshka_lora", matryoshka_lora, MATRYOSHKA),
-                                ("pruning", pruning, PRUNING)):
+                                ("pruning", pruning, PRUNING), ("efcp", efcp, EFCP)):
     facts[family] = {}
     facts["defined"][family] = sorted(n for n, v in vars(module).items()
                                       if isinstance(v, triton.JITFunction) and n.endswith("_kernel"))
