@@ -128,6 +128,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from ._topk import chunk_threshold
+
     @triton.jit
     def _compress_kernel(grad_ptr, err_ptr, idx_ptr, val_ptr, c_ptr, row_offset, d, chunk, k_chunk,
                          BLOCK: tl.constexpr):
@@ -144,28 +146,7 @@ if triton_available():
             g = tl.load(grad_ptr + i, mask=live & (i < d), other=0.0).to(tl.float32)
             tl.store(err_ptr + i, e + g, mask=live)
         tl.debug_barrier()
-        lo = 0
-        hi = 0x7F800000  # bits of +inf: every finite magnitude is below
-        for _ in range(31):
-            mid = lo + (hi - lo + 1) // 2
-            count = 0
-            for s in range(0, chunk, BLOCK):
-                offs = s + tl.arange(0, BLOCK)
-                live = offs < chunk
-                bits = tl.abs(tl.load(err_ptr + start + offs, mask=live, other=0.0)).to(tl.int32, bitcast=True)
-                count += tl.sum(((bits >= mid) & live).to(tl.int32), axis=0)
-            if count >= k_chunk:
-                lo = mid
-            else:
-                hi = mid - 1
-        threshold = lo
-        greater = 0
-        for s in range(0, chunk, BLOCK):
-            offs = s + tl.arange(0, BLOCK)
-            live = offs < chunk
-            bits = tl.abs(tl.load(err_ptr + start + offs, mask=live, other=0.0)).to(tl.int32, bitcast=True)
-            greater += tl.sum(((bits > threshold) & live).to(tl.int32), axis=0)
-        ties_wanted = k_chunk - greater
+        threshold, ties_wanted = chunk_threshold(err_ptr + start, chunk, k_chunk, BLOCK)
         ties_seen = 0
         written = 0
         out = row_offset + j * k_chunk

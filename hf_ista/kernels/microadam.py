@@ -146,6 +146,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from ._topk import chunk_threshold
+
     @triton.jit
     def _bf16_bits_to_f32(bits16):
         return ((bits16.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
@@ -176,28 +178,7 @@ if triton_available():
         # then an ordered compaction: no sort, bounded registers, any chunk size up to 32768.
         j = tl.program_id(0).to(tl.int64)  # offsets in int64: tensors may exceed 2**31 bytes
         base = a_ptr + j * chunk
-        lo = 0
-        hi = 0x7F800000  # bits of +inf: every finite magnitude is below
-        for _ in range(31):
-            mid = lo + (hi - lo + 1) // 2
-            count = 0
-            for s in range(0, chunk, BLOCK):
-                offs = s + tl.arange(0, BLOCK)
-                x = tl.load(base + offs, mask=offs < chunk, other=0.0)
-                bits = tl.abs(x).to(tl.int32, bitcast=True)
-                count += tl.sum(((bits >= mid) & (offs < chunk)).to(tl.int32), axis=0)
-            if count >= k_chunk:
-                lo = mid
-            else:
-                hi = mid - 1
-        threshold = lo
-        greater = 0
-        for s in range(0, chunk, BLOCK):
-            offs = s + tl.arange(0, BLOCK)
-            x = tl.load(base + offs, mask=offs < chunk, other=0.0)
-            bits = tl.abs(x).to(tl.int32, bitcast=True)
-            greater += tl.sum(((bits > threshold) & (offs < chunk)).to(tl.int32), axis=0)
-        ties_wanted = k_chunk - greater
+        threshold, ties_wanted = chunk_threshold(base, chunk, k_chunk, BLOCK)
         ties_seen = 0
         written = 0
         out = row_offset + j * k_chunk
