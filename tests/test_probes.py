@@ -121,7 +121,7 @@ def test_quantize_and_prune_closed_forms():
 
 def test_compressibility_restores_model_and_int4_hurts_more(corpus):
     model = tiny_llama("nano", max_position_embeddings=32)
-    rows = torch.tensor(corpus["train"]["input_ids"][:16 * 40]).view(40, 16, 32)
+    rows = torch.tensor(corpus["train"]["input_ids"][:16 * 100]).view(100, 16, 32)  # 100 steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for batch in rows:
         optimizer.zero_grad()
@@ -132,6 +132,7 @@ def test_compressibility_restores_model_and_int4_hurts_more(corpus):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = probe_compressibility(model, batches)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # measured here: INT8 +0.0002, INT4 +0.0048
     assert result["int4_loss_increase"] >= result["int8_loss_increase"]
     assert result["prune50_loss_increase"] > 0
     # the INT8 loss, recomputed on an independently quantised copy
