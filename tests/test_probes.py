@@ -109,6 +109,17 @@ def test_top_hessian_eigenvalue_of_a_quadratic():
     assert result["iterations"] < 100
 
 
+def test_top_hessian_eigenvalue_when_a_negative_one_is_larger():
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    eigenvalues = torch.tensor([-12.0, 5.0, 2.0] + [0.5] * 7 + [-0.5] * 6, dtype=torch.float64)
+    a = (q @ torch.diag(eigenvalues) @ q.T).float()
+    x = torch.zeros(16, requires_grad=True)
+    result = top_hessian_eigenvalue(lambda: 0.5 * x @ a @ x, [x], iterations=200, tol=1e-8)
+    assert result["largest_magnitude_eigenvalue"] == pytest.approx(-12.0, rel=1e-3)
+    assert result["top_eigenvalue"] == pytest.approx(5.0, rel=1e-3)
+
+
 # ---------------------------------------------------------------- compressibility
 
 def test_quantize_and_prune_closed_forms():
@@ -144,6 +155,14 @@ def test_compressibility_restores_model_and_int4_hurts_more(corpus):
                 module.weight.copy_((module.weight / scale).round().clamp(-127, 127) * scale)
         expected = sum(float(reference(**b).loss) for b in batches) / len(batches)
     assert result["int8_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_recipe_name_builds_the_callback():
+    from hf_ista import train
+
+    (callback,) = train.build_callbacks([{"solution_probes": {"num_batches": 3, "when": "train_end"}}])
+    assert isinstance(callback, SolutionProbesCallback)
+    assert (callback.num_batches, callback.when) == (3, "train_end")
 
 
 def test_bad_arguments_are_named():
