@@ -24,11 +24,14 @@ class RunningStats:
         self.feature_min = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu()
+        # reduce where the activations are (float64 except on MPS, which has none); keep only the
+        # four sums and two feature vectors on the CPU
+        x = x.detach().reshape(-1, x.shape[-1])
+        x = x.to(torch.float32 if x.device.type == "mps" else torch.float64)
         self.count += x.numel()
-        self.sums += torch.stack([x.sum(), (x ** 2).sum(), (x ** 3).sum(), (x ** 4).sum()])
+        self.sums += torch.stack([x.sum(), (x ** 2).sum(), (x ** 3).sum(), (x ** 4).sum()]).cpu().double()
         self.max_abs = max(self.max_abs, float(x.abs().max()))
-        high, low = x.max(0).values, x.min(0).values
+        high, low = x.max(0).values.cpu().double(), x.min(0).values.cpu().double()
         self.feature_max = high if self.feature_max is None else torch.maximum(self.feature_max, high)
         self.feature_min = low if self.feature_min is None else torch.minimum(self.feature_min, low)
 
