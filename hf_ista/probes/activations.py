@@ -1,7 +1,7 @@
 """Activation statistics of hidden states: kurtosis, max|x|/RMS and the share of outlier features.
 
 ``kurtosis`` is Pearson's (not excess): E[(x-μ)⁴]/σ⁴, 3 for a Gaussian, 6 for a Laplace. An outlier
-feature (LLM.int8()'s notion) is a hidden dimension where some token deviates from the tensor's mean by
+feature (a scale-free take on LLM.int8()'s |x| >= 6) is a hidden dimension where some token deviates from the tensor's mean by
 more than ``threshold`` (6) standard deviations of the whole tensor. Statistics are streamed over
 batches (float64 moments), so several eval batches give one number per layer.
 """
