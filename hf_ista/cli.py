@@ -63,6 +63,19 @@ def _prune(args) -> None:
     print(f"saved the pruned model to {out}")
 
 
+def _compare(args) -> None:
+    from hf_ista.probes.compare import comparison_table, load_result, plot_comparison, run_label
+
+    results = {}
+    for path in args.runs:
+        label = run_label(path)
+        while label in results:  # two runs in dirs of the same name
+            label += "'"
+        results[label] = load_result(path)
+    print(comparison_table(results))
+    print(f"wrote {plot_comparison(results, args.plot)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hf-ista", description="IST Austria DAS-lab methods for Hugging Face")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     prune.add_argument("--block-size", type=int, default=128)
     prune.add_argument("--output", default=None, help="where to save (default MODEL_DIR-pruned)")
     prune.set_defaults(func=_prune)
+    compare = commands.add_parser("compare", help="compare the solution_probes.json of several output dirs")
+    compare.add_argument("runs", nargs="+", help="output dirs (or solution_probes.json files)")
+    compare.add_argument("--plot", default="solution_probes_compare.png", help="where to write the PNG")
+    compare.set_defaults(func=_compare)
     args = parser.parse_args(argv)
     import hf_ista  # noqa: F401  (registers the optimizers)
 

@@ -86,3 +86,17 @@ def write_pruning_card(path: Path, report, metrics: dict) -> str:
     text = text.rstrip("\n") + "\n\n" + pruning_section(report, metrics)
     path.write_text(text)
     return text
+
+
+def probes_section(result: dict) -> str:
+    """A "## Solution probes" model-card section: the summary figures and the per-layer activations."""
+    settings = result.get("settings", {})
+    lines = ["## Solution probes", "",
+             f"Measured by `hf_ista.callbacks.SolutionProbesCallback` at step {result.get('step', '?')} on "
+             f"{settings.get('num_batches', '?')} eval batches (probes: {', '.join(settings.get('probes', []))}).", "",
+             markdown_table(["figure", "value"], [[k, f"{v:.6g}"] for k, v in result["summary"].items()]), ""]
+    if result.get("activations"):
+        lines += [markdown_table(["layer", "kurtosis", "max abs / RMS", "outlier features (6σ)"],
+                                 [[name, f"{v['kurtosis']:.3f}", f"{v['max_over_rms']:.2f}", f"{v['outlier_fraction']:.4f}"]
+                                  for name, v in result["activations"].items()]), ""]
+    return "\n".join(lines)
