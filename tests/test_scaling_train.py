@@ -1,0 +1,73 @@
+"""Training through a format (apply_format) and ScalingLawCallback in a real Trainer."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hf_ista.data import tiny_llama
+from hf_ista.scaling import Int, Sparse, SparseInt, apply_format, remove_format
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+
+
+def test_int4_forward_weights_on_grid_and_trust_region_gradients():
+    model = tiny_llama("nano")
+    changed = apply_format(model, Int(4))
+    assert len(changed) == 2 * 7  # q k v o gate up down per layer, lm_head excluded
+    lin = _linears(model)["model.layers.0.mlp.up_proj"]
+    latent = lin.parametrizations.weight.original
+    w = lin.weight
+    assert max(len(torch.unique(row)) for row in w) <= 16
+    # the grid is linspace(-a, a, 16), a = clip * RMS(row): reconstruct it independently
+    a = Int(4).clip * latent.pow(2).mean(-1, keepdim=True).sqrt()
+    grid = torch.linspace(-1, 1, 16).view(1, -1) * a
+    expected = grid.gather(1, (latent.unsqueeze(-1) - grid.unsqueeze(1)).abs().argmin(-1))
+    assert torch.allclose(w, expected, atol=1e-6)
+    # gradient reaches the latent weights, zeroed outside the clip range
+    x = torch.randn(5, lin.in_features)
+    g_out = torch.randn(5, lin.out_features)
+    (lin(x) * g_out).sum().backward()
+    dense_grad = g_out.T @ x  # d/dW of sum(g_out * (x W^T))
+    inside = latent.abs() <= a
+    assert (~inside).any() and inside.any()
+    assert torch.allclose(latent.grad, dense_grad * inside, atol=1e-5)
+    remove_format(model)
+    assert torch.equal(_linears(model)["model.layers.0.mlp.up_proj"].weight.detach(), w.detach())
+
+
+def test_sparse_exact_density_mask_recomputed_and_rbbm():
+    model = tiny_llama("nano")
+    apply_format(model, Sparse(0.5), targets=["up_proj"])
+    lin = _linears(model)["model.layers.0.mlp.up_proj"]
+    latent = lin.parametrizations.weight.original
+    assert int((lin.weight != 0).sum()) == latent.numel() // 2
+    assert torch.all((lin.weight != 0).sum(-1) == lin.in_features // 2)
+    x = torch.randn(3, lin.in_features)
+    lin(x).sum().backward()
+    assert torch.allclose(latent.grad, torch.ones(3, lin.out_features).T @ x)  # plain STE: dense gradient
+    with torch.no_grad():  # mask follows the latent weights at the next forward
+        latent[0] = torch.arange(lin.in_features, dtype=latent.dtype)
+    assert torch.equal(lin.weight[0] != 0, torch.arange(lin.in_features) >= lin.in_features // 2)
+
+    model = tiny_llama("nano")
+    apply_format(model, Sparse(0.5), targets=["up_proj"], rbbm=0.1)
+    lin = _linears(model)["model.layers.0.mlp.up_proj"]
+    latent = lin.parametrizations.weight.original
+    lin(x).sum().backward()
+    t_p = latent.pow(2).mean().sqrt() * 0.2533471  # Phi^-1(0.6)
+    allowed = (lin.weight != 0) | (latent.abs() < t_p)
+    assert torch.allclose(latent.grad, (torch.ones(3, lin.out_features).T @ x) * allowed)
+    assert (~allowed).sum() > 0
+
+
+def test_sparse_int_forward_weights():
+    model = tiny_llama("nano")
+    apply_format(model, SparseInt(0.5, 2), targets=r"mlp\.down_proj")
+    w = _linears(model)["model.layers.1.mlp.down_proj"].weight
+    assert torch.all((w != 0).sum(-1) <= w.shape[1] // 2)
+    assert max(len(torch.unique(r[r != 0])) for r in w) <= 4
