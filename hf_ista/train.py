@@ -41,6 +41,7 @@ from hf_ista.model_card import write_model_card
 CALLBACKS = {
     "aurac": "hf_ista.callbacks:AURACCallback",
     "iobs_pruning": "hf_ista.callbacks.iobs:IOBSPruningCallback",
+    "scaling_law": "hf_ista.callbacks.scaling_law:ScalingLawCallback",
 }
 ADAPTERS = {"matryoshka_lora": "hf_ista.peft.matryoshka_lora:MatryoshkaLoraConfig"}
 BLOCK_KEYS = ("adapter", "baselines", "callbacks")

@@ -71,3 +71,54 @@ def test_sparse_int_forward_weights():
     w = _linears(model)["model.layers.1.mlp.down_proj"].weight
     assert torch.all((w != 0).sum(-1) <= w.shape[1] // 2)
     assert max(len(torch.unique(r[r != 0])) for r in w) <= 4
+
+
+def test_callback_writes_one_record_per_run_and_torn_store_loads(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_ista.callbacks import ScalingLawCallback
+    from hf_ista.callbacks.scaling_law import append_record, load_runs
+    from hf_ista.data import load_corpus
+
+    corpus = load_corpus("stdlib", block_size=32, max_bytes=40_000, eval_fraction=0.1, seed=0)
+    store = tmp_path / "runs.jsonl"
+    for fmt in ("dense", "int4"):
+        model = tiny_llama("nano", max_position_embeddings=32)
+        if fmt != "dense":
+            apply_format(model, fmt)
+        args = TrainingArguments(str(tmp_path / fmt), max_steps=6, learning_rate=1e-2, per_device_train_batch_size=4,
+                                 per_device_eval_batch_size=16, eval_strategy="steps", eval_steps=6, report_to="none",
+                                 use_cpu=True, disable_tqdm=True, save_strategy="no", seed=3)
+        trainer = Trainer(model=model, args=args, train_dataset=corpus["train"], eval_dataset=corpus["eval"],
+                          callbacks=[ScalingLawCallback(store=str(store), run=fmt)])
+        trainer.train()
+        final = trainer.evaluate()["eval_loss"]
+    records = load_runs(store)
+    assert [r["run"] for r in records] == ["dense", "int4"]
+    nano = tiny_llama("nano")
+    expected_n = sum(p.numel() for n, p in nano.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    assert all(r["N"] == expected_n for r in records)
+    assert all(r["D"] == 6 * 4 * 32 for r in records)  # steps x batch x sequence length
+    assert records[0]["gmse"] == 0.0 and records[1]["gmse"] == pytest.approx(0.01154, rel=1e-3)
+    assert records[1]["format"] == {"name": "Int", "bits": 4, "group_size": None}
+    assert records[1]["loss"] == pytest.approx(final, rel=1e-5)  # the Trainer's own final eval loss
+    assert records[0]["seed"] == 3 and records[0]["config_hash"] != records[1]["config_hash"]
+
+    # a crash mid-write leaves a torn last line: it is skipped, and the next append cuts it off
+    with open(store, "ab") as f:
+        f.write(b'{"N": 12, "D": 3')
+    with pytest.warns(UserWarning, match="torn"):
+        assert len(load_runs(store)) == 2
+    append_record(store, {"N": 1, "D": 2, "loss": 3.0, "format": "dense"})
+    assert [r["N"] for r in load_runs(store)] == [expected_n, expected_n, 1]
+    store.write_text("{bad\n" + store.read_text())  # a corrupt line that is not the last one is an error
+    with pytest.raises(ValueError, match="line 1"):
+        load_runs(store)
+
+
+def test_recipe_callbacks_table_builds_scaling_law(tmp_path):
+    from hf_ista.callbacks import ScalingLawCallback
+    from hf_ista.train import build_callbacks
+
+    (cb,) = build_callbacks([{"scaling_law": {"store": str(tmp_path / "r.jsonl"), "format": "int2"}}])
+    assert isinstance(cb, ScalingLawCallback) and cb.format == Int(2)

@@ -2,5 +2,6 @@
 ``hf_ista.peft``'s adapters) and log what they did. Use them as ``Trainer(..., callbacks=[...])``."""
 from .aurac import AURACCallback, aurac
 from .iobs import IOBSPruningCallback
+from .scaling_law import ScalingLawCallback
 
-__all__ = ["AURACCallback", "IOBSPruningCallback", "aurac"]
+__all__ = ["AURACCallback", "IOBSPruningCallback", "ScalingLawCallback", "aurac"]
