@@ -119,3 +119,22 @@ def test_fit_recovers_known_law():
     for r in held:
         assert result.predict(r["N"], r["D"], r["format"]) == pytest.approx(r["true"], rel=0.01)
     assert result.dense_equivalent(1e7, Int(2)) == pytest.approx(1e7 * capacity(Int(2), result.law))
+
+
+def test_cli_fit_prints_table_and_writes_plot(tmp_path, capsys):
+    from hf_ista import cli
+    from hf_ista.callbacks.scaling_law import append_record
+
+    rng = np.random.default_rng(1)
+    store = tmp_path / "runs.jsonl"
+    for r in _records(np.geomspace(1e6, 1e8, 4), (1e8, 1e9, 1e10), rng, noise=0.0):
+        append_record(store, r)
+    cli.main(["scaling", "fit", str(store), "--bootstrap", "5", "--predict", "1e7,1e9,int2",
+              "--json", str(tmp_path / "fit.json")])
+    out = capsys.readouterr().out
+    expected = TRUE.predict(1e7, 1e9, Int(2))
+    line = next(l for l in out.splitlines() if l.startswith("predict"))
+    assert float(line.split("loss ")[1].split(",")[0]) == pytest.approx(expected, rel=1e-3)  # noise-free data
+    assert (tmp_path / "runs.png").stat().st_size > 10_000
+    import json
+    assert json.loads((tmp_path / "fit.json").read_text())["params"]["alpha"] == pytest.approx(0.25, rel=0.01)
