@@ -24,6 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..kernels import scaling as kernels
+
 GMSE_SAMPLES = 1 << 20
 GMSE_SEED = 0
 FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -118,15 +120,14 @@ def _scalar_quantise(x: torch.Tensor, unit_levels: tuple, scale_mult: float, gro
     levels = torch.tensor(unit_levels, dtype=work.dtype, device=work.device)
     top = float(levels.abs().max())
     u = work / scale
-    if _is_uniform(unit_levels):
-        n = len(unit_levels)
-        idx = torch.round((u.clamp(-1, 1) + 1) * (n - 1) / 2)
-        q = -1 + 2 * idx / (n - 1)
+    if _is_uniform(unit_levels):  # the INT grid: the kernel (Triton on CUDA fp32, else its torch twin)
+        out, inside = kernels.fake_quant(work, scale, int(round(math.log2(len(unit_levels)))))
+        out = out.to(x.dtype)
     else:
         mids = (levels[1:] + levels[:-1]) / 2
         q = levels[torch.bucketize(u.contiguous(), mids)]
-    inside = u.abs() <= top
-    out = (q * scale).to(x.dtype)
+        inside = u.abs() <= top
+        out = (q * scale).to(x.dtype)
     return out.reshape(shape), inside.reshape(shape)
 
 
@@ -138,11 +139,7 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     """Per row: True at the ``round(density · cols)`` largest magnitudes (ties broken by index)."""
     rows = _rows(x)
     k = int(round(density * rows.shape[-1]))
-    mask = torch.zeros_like(rows, dtype=torch.bool)
-    if k > 0:
-        idx = rows.abs().topk(k, dim=-1).indices
-        mask.scatter_(-1, idx, True)
-    return mask.reshape(x.shape)
+    return kernels.topk_mask(rows, k).reshape(x.shape)
 
 
 def nm_mask(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -326,11 +323,9 @@ class SparseInt(Format):
         kept = m.sum(-1, keepdim=True).clamp_min(1)
         rms = ((rows * m) ** 2).sum(-1, keepdim=True).div(kept).sqrt().clamp_min(torch.finfo(rows.dtype).tiny)
         scale = self.clip * rms
-        n = 2 ** self.bits
-        u = rows / scale
-        q = (-1 + 2 * torch.round((u.clamp(-1, 1) + 1) * (n - 1) / 2) / (n - 1)) * scale
+        q, clip_ok = kernels.fake_quant(rows, scale, self.bits)
         out = torch.where(m, q, torch.zeros_like(q)).reshape(x.shape).to(x.dtype)
-        inside = ((u.abs() <= 1) | ~m).reshape(x.shape)
+        inside = (clip_ok | ~m).reshape(x.shape)
         return out, inside
 
     @property
