@@ -3,14 +3,9 @@ capacity ρ, the law L = A·(Nρ)^−α + B·D^−β + E and its fit, and traini
 from .capacity import PUBLISHED, FamilyConstants, ScalingLaw, capacity, product_capacity, rho_from_gmse
 from .formats import VQ, Dense, Format, Fp4, Int, Sparse, SparseInt, parse_format
 from .law import FitResult, fit_law, plot_fit
+from .train_formats import apply_format, remove_format
 
 __all__ = ["PUBLISHED", "FamilyConstants", "ScalingLaw", "capacity", "product_capacity", "rho_from_gmse",
            "VQ", "Dense", "Format", "Fp4", "Int", "Sparse", "SparseInt", "parse_format", "FitResult", "fit_law",
            "plot_fit", "apply_format", "remove_format"]
 
-
-def __getattr__(name):
-    if name in ("apply_format", "remove_format"):
-        from . import train_formats
-        return getattr(train_formats, name)
-    raise AttributeError(name)
