@@ -46,3 +46,13 @@ def test_formats_run_through_the_kernels(monkeypatch):
     ref_q, ref_s = Int(4).compress(x), Sparse(0.5).compress(x)
     monkeypatch.setattr(backend, "_backend", "triton")
     assert torch.equal(Int(4).compress(x), ref_q) and torch.equal(Sparse(0.5).compress(x), ref_s)
+
+
+@pytest.mark.gpu
+def test_kernels_on_cuda_equal_the_cpu_twins():
+    x = torch.randn(33, 1000, generator=torch.Generator().manual_seed(5))
+    scale = Int(4).clip * x.pow(2).mean(-1, keepdim=True).sqrt()
+    q_t, in_t = K.fake_quant_torch(x, scale, 4)
+    q_k, in_k = K.fake_quant_triton(x.cuda(), scale.cuda(), 4)
+    assert torch.equal(q_t, q_k.cpu()) and torch.equal(in_t, in_k.cpu())
+    assert torch.equal(K.topk_mask_torch(x, 300), K.topk_mask_triton(x.cuda(), 300).cpu())
