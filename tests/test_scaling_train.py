@@ -122,3 +122,28 @@ def test_recipe_callbacks_table_builds_scaling_law(tmp_path):
 
     (cb,) = build_callbacks([{"scaling_law": {"store": str(tmp_path / "r.jsonl"), "format": "int2"}}])
     assert isinstance(cb, ScalingLawCallback) and cb.format == Int(2)
+
+
+def test_recipe_trains_through_the_format_and_records_the_run(tmp_path):
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from hf_ista import train
+    from hf_ista.callbacks.scaling_law import load_runs
+
+    raw = yaml.safe_load(open(train.Path(__file__).parents[1] / "recipes" / "scaling" / "int4.yaml"))
+    store = tmp_path / "runs.jsonl"
+    raw.update(model_size="nano", corpus="json", block_size=32, max_bytes=40_000, max_steps=4, eval_steps=4,
+               per_device_train_batch_size=4, logging_steps=2, output_dir=str(tmp_path / "out"), disable_tqdm=True)
+    raw["hf_ista"]["callbacks"] = [{"scaling_law": {"store": str(store)}}]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    result = train.main([str(recipe)])[0]
+    (record,) = load_runs(store)
+    assert record["format"] == Int(4).to_dict() and record["D"] == 4 * 4 * 32
+    assert record["loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # a plain model, INT4 weights baked in
+    w = saved.model.layers[0].mlp.up_proj.weight
+    assert max(len(torch.unique(row)) for row in w) <= 16
+    with pytest.raises(ValueError, match="train_format"):
+        train.train_format_spec({"fmt": "int4"})
