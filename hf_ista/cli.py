@@ -76,6 +76,37 @@ def _compare(args) -> None:
     print(f"wrote {plot_comparison(results, args.plot)}")
 
 
+def _scaling_fit(args) -> None:
+    import json
+    from pathlib import Path
+
+    from hf_ista.callbacks.scaling_law import load_runs
+    from hf_ista.scaling import capacity, fit_law, parse_format, plot_fit
+
+    records = load_runs(args.store)
+    fixed = {}
+    for item in args.fix or []:
+        key, _, value = item.partition("=")
+        fixed[key] = float(value)
+    result = fit_law(records, fit_lc=args.fit_lc, fixed=fixed, n_bootstrap=args.bootstrap, seed=args.seed)
+    print(result.table())
+    labels = sorted({parse_format(r["format"]).label: r["format"] for r in records}.items())
+    print(f"{'format':<16} {'GMSE':>9} {'rho (fit)':>10} {'rho (paper)':>12}")
+    for label, spec in labels:
+        fmt = parse_format(spec)
+        print(f"{label:<16} {fmt.gmse():>9.4g} {capacity(fmt, result.law):>10.4f} {capacity(fmt):>12.4f}")
+    for item in args.predict or []:
+        n, d, fmt = item.split(",")
+        n, d = float(n), float(d)
+        print(f"predict N={n:g} D={d:g} {fmt}: loss {result.predict(n, d, fmt):.4f}, "
+              f"dense-equivalent N {result.dense_equivalent(n, fmt):.4g}")
+    plot = Path(args.plot or Path(args.store).with_suffix(".png"))
+    plot_fit(result, records, plot)
+    print(f"wrote {plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hf-ista", description="IST Austria DAS-lab methods for Hugging Face")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("runs", nargs="+", help="output dirs (or solution_probes.json files)")
     compare.add_argument("--plot", default="solution_probes_compare.png", help="where to write the PNG")
     compare.set_defaults(func=_compare)
+    scaling = commands.add_parser("scaling", help="compressed-format scaling laws").add_subparsers(
+        dest="scaling_command", required=True)
+    fit = scaling.add_parser("fit", help="fit L = A(N rho)^-alpha + B D^-beta + E to a ScalingLawCallback store")
+    fit.add_argument("store", help="runs.jsonl written by ScalingLawCallback")
+    fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the confidence intervals")
+    fit.add_argument("--fit-lc", action="store_true", help="fit Lc per family (default: fixed at 1)")
+    fit.add_argument("--fix", action="append", help="pin a parameter, e.g. --fix alpha=0.13 --fix sparse.C=1.39")
+    fit.add_argument("--predict", action="append", help="N,D,FORMAT, e.g. 1e8,2e9,int4 (repeatable)")
+    fit.add_argument("--plot", default=None, help="plot path (default STORE with .png)")
+    fit.add_argument("--json", default=None, help="write the fit as JSON here")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.set_defaults(func=_scaling_fit)
     args = parser.parse_args(argv)
     import hf_ista  # noqa: F401  (registers the optimizers)
 

@@ -11,6 +11,8 @@ A recipe is one flat YAML file: the model and data keys of :class:`RecipeArgumen
       callbacks:                 # Trainer callbacks, each {name: kwargs} (CALLBACKS)
         - {aurac: {ranks: [1, 2, 4, 8, 16]}}
         - {iobs_pruning: {sparsity: 0.5, method: iobs}}
+      train_format:              # train the linear weights through a compressed format (STE),
+        {format: int4, targets: all-linear}   # hf_ista.scaling.apply_format; saved baked in
 
 Every run trains the plain ``transformers.Trainer``. The main process then prints a table (eval
 loss, optimizer state bytes per parameter) and writes ``loss_curve.png`` and a model card
@@ -42,9 +44,10 @@ CALLBACKS = {
     "aurac": "hf_ista.callbacks:AURACCallback",
     "iobs_pruning": "hf_ista.callbacks.iobs:IOBSPruningCallback",
     "solution_probes": "hf_ista.callbacks.probes:SolutionProbesCallback",
+    "scaling_law": "hf_ista.callbacks.scaling_law:ScalingLawCallback",
 }
 ADAPTERS = {"matryoshka_lora": "hf_ista.peft.matryoshka_lora:MatryoshkaLoraConfig"}
-BLOCK_KEYS = ("adapter", "baselines", "callbacks")
+BLOCK_KEYS = ("adapter", "baselines", "callbacks", "train_format")
 
 
 def _load(path: str):
@@ -123,6 +126,8 @@ def load_recipe(path: str | Path, overrides: dict | None = None):
     if unknown:
         raise ValueError(f"{path}: unknown keys in the hf_ista block: {sorted(unknown)}; accepted: {list(BLOCK_KEYS)}")
     build_adapter_config(block.get("adapter"))  # fail now, with our message, not after loading the data
+    if block.get("train_format") is not None:
+        block["train_format"] = train_format_spec(block["train_format"], path)
     if block.get("callbacks") is not None:
         block["callbacks"] = callback_specs(block["callbacks"], path)
         build_callbacks(block["callbacks"])  # a bad kwarg fails now, not after training
@@ -132,6 +137,18 @@ def load_recipe(path: str | Path, overrides: dict | None = None):
     if optim in OPTIMIZERS:  # fail now, with our message, not at the first step
         parse_optim_args(optim, training_args.optim_args)
     return recipe, training_args, block
+
+
+def train_format_spec(spec, path="hf_ista block") -> dict:
+    """``int4`` or ``{format: int4, targets: ..., rbbm: ...}`` checked into apply_format's kwargs."""
+    from hf_ista.scaling import parse_format
+
+    spec = {"format": spec} if isinstance(spec, str) else dict(spec or {})
+    unknown = set(spec) - {"format", "targets", "rbbm"}
+    if "format" not in spec or unknown:
+        raise ValueError(f"{path}: train_format must be a format string or {{format, targets, rbbm}}, got {spec!r}")
+    parse_format(spec["format"])
+    return spec
 
 
 def build_model(recipe: RecipeArguments, seed: int = 0):
@@ -157,6 +174,12 @@ def run(recipe: RecipeArguments, training_args, block: dict | None = None) -> di
         from peft import get_peft_model
 
         model = get_peft_model(model, adapter)
+    train_format = block.get("train_format")
+    if train_format is not None:
+        from hf_ista.scaling import apply_format
+
+        spec = train_format_spec(train_format)
+        apply_format(model, spec["format"], targets=spec.get("targets", "all-linear"), rbbm=spec.get("rbbm"))
     specs = callback_specs(block.get("callbacks") or [])
     callbacks = build_callbacks(specs)
     trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["eval"],
@@ -165,6 +188,10 @@ def run(recipe: RecipeArguments, training_args, block: dict | None = None) -> di
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     seconds = time.perf_counter() - start
     metrics = trainer.evaluate()
+    if train_format is not None:  # save a plain model whose weights are the compressed ones
+        from hf_ista.scaling import remove_format
+
+        remove_format(model)
     trainer.save_model()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_bytes = hf_ista.state_bytes(trainer.optimizer)
@@ -279,7 +306,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # A baseline starts fresh unless it says otherwise: the main run's checkpoint is not its own.
         fresh = {"resume_from_checkpoint": None, "output_dir": out, "hf_ista": None}
         _, baseline_args, _ = load_recipe(recipe_path, {**fresh, **overrides, "output_dir": out})
-        results.append(run(recipe, baseline_args, {k: block.get(k) for k in ("adapter", "callbacks")}))
+        results.append(run(recipe, baseline_args, {k: block.get(k) for k in ("adapter", "callbacks", "train_format")}))
 
     if results[0]["is_main"]:
         out_dir = Path(training_args.output_dir)

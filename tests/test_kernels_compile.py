@@ -88,3 +88,10 @@ def test_efcp_kernels_compile_for_sm90(facts):
                                                             "_combine_rows_kernel"}
     # no atomics (deterministic Gᵀ·w), no fma, no approximate division
     _exact(family)
+
+
+def test_scaling_kernels_compile_for_sm90(facts):
+    family = facts["scaling"]
+    assert set(family) == set(facts["defined"]["scaling"]) == {"_fake_quant_kernel", "_topk_mask_kernel"}
+    _exact(family)
+    assert "div.rn.f32" in family["_fake_quant_kernel"]["ops"]  # u = x / s, idx / half: IEEE division

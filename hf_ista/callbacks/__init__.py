@@ -3,5 +3,6 @@
 from .aurac import AURACCallback, aurac
 from .iobs import IOBSPruningCallback
 from .probes import SolutionProbesCallback
+from .scaling_law import ScalingLawCallback
 
-__all__ = ["AURACCallback", "IOBSPruningCallback", "SolutionProbesCallback", "aurac"]
+__all__ = ["AURACCallback", "IOBSPruningCallback", "ScalingLawCallback", "SolutionProbesCallback", "aurac"]

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel (MicroAdam, low-rank, DASH, MatryoshkaLoRA, pruning, EFCP) for an H100 (sm_90) without a GPU; print JSON
+"""Compile every Triton kernel (MicroAdam, low-rank, DASH, MatryoshkaLoRA, pruning, EFCP, scaling formats) for an H100 (sm_90) without a GPU; print JSON
 facts ``{family: {kernel: {"cubin_bytes": ..., "ops": [...]}}}`` and, under ``"defined"``, the
 names of the Triton kernels (``*_kernel``, not the device helpers) each family's module defines,
 so a new kernel cannot be forgotten here.
@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hf_ista.kernels import dash, efcp, lowrank, matryoshka_lora, microadam, pruning
+from hf_ista.kernels import dash, efcp, lowrank, matryoshka_lora, microadam, pruning, scaling
 
 MICROADAM = {
     "_select_topk_kernel": ({"a_ptr": "*fp32", "idx_ptr": "*i16", "val_ptr": "*bf16", "row_offset": "i32",
@@ -101,12 +101,19 @@ EFCP = {
                               "m": "i32", "n_chunks": "i32", "k_chunk": "i32", "BLOCK": "constexpr"}, {"BLOCK": 512}),
 }
 
+SCALING = {
+    "_fake_quant_kernel": ({"x_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "inside_ptr": "*i8",
+                            "cols": "i32", "half": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024}),
+    "_topk_mask_kernel": ({"x_ptr": "*fp32", "mask_ptr": "*i8", "cols": "i32", "k": "i32", "BLOCK": "constexpr"},
+                          {"BLOCK": 2048}),
+}
+
 OPS = re.compile(r"\b(div\.\w+\.f32|sqrt\.\w+(?:\.\w+)*\.f32|fma\.rn\.f32|atom\.[\w.]+|w?gmma[\w.]*|mma\.sync[\w.]*)")
 
 facts = {"defined": {}}
 for family, module, kernels in (("microadam", microadam, MICROADAM), ("lowrank", lowrank, LOWRANK),
                                 ("dash", dash, DASH), ("matryoshka_lora", matryoshka_lora, MATRYOSHKA),
-                                ("pruning", pruning, PRUNING), ("efcp", efcp, EFCP)):
+                                ("pruning", pruning, PRUNING), ("efcp", efcp, EFCP), ("scaling", scaling, SCALING)):
     facts[family] = {}
     facts["defined"][family] = sorted(n for n, v in vars(module).items()
                                       if isinstance(v, triton.JITFunction) and n.endswith("_kernel"))
