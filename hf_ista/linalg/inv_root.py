@@ -159,7 +159,8 @@ def inv_root(X: torch.Tensor, p: float = 4, method: str = "ndb", eps: float = 1e
     elif method == "evd":
         out = _evd(X / s, p, eps)
     else:
-        A = torch.baddbmm(X / s, _eye(X), _eye(X), alpha=eps)  # A + eps I
+        A = X / s
+        A.diagonal(dim1=-2, dim2=-1).add_(eps)  # A + eps I, in place (no identity matmul)
         A = A / (1 + eps)  # back into (0, 1]: the Newton iterations need it
         if method == "cn":
             out = _coupled_newton(A, p, steps)

@@ -57,7 +57,9 @@ def _key_sets() -> tuple[frozenset[str], ...]:
 
 
 class _EFCP(IstaOptimizer):
-    """The shared machinery: compressor, sparse ring buffer, incremental Gram, the update."""
+    """The shared machinery: compressor, sparse ring buffer, incremental Gram, the update.
+    Subclasses define ``_coefficients(gram, row, group) -> (alpha, w)``, the update
+    ``u = alpha·c + Gᵀ w`` from the ``m×m`` problem."""
 
     state_keys = _key_sets()
     _global_keys: tuple[str, ...] = ("m",)
@@ -173,10 +175,6 @@ class _EFCP(IstaOptimizer):
         x = p.detach().reshape(-1).float()
         new = torch.add(x * decay if decay != 1 else x, u, alpha=-lr)  # in fp32, then one cast
         p.copy_(new.view_as(p))
-
-    def _coefficients(self, gram: torch.Tensor, row: int, group: dict) -> tuple[float, torch.Tensor]:
-        """``(alpha, w)`` with ``u = alpha·c + Gᵀ w``."""
-        raise NotImplementedError
 
     # -- for tests and benchmarks -----------------------------------------------------------------
 

@@ -164,13 +164,13 @@ def hadamard(dim: int, dtype=torch.float64) -> torch.Tensor:
 
 # --- formats --------------------------------------------------------------------------------------
 class Format:
+    """What every format shares. Subclasses define ``ste(x) -> (reconstruction, gradient mask or
+    None)``, the forward of training through the format."""
+
     family = "base"
 
     def compress(self, x: torch.Tensor) -> torch.Tensor:
         return self.ste(x)[0]
-
-    def ste(self, x: torch.Tensor):
-        raise NotImplementedError
 
     def gmse(self) -> float:
         return _relative_mse(self, gaussian_sample())
