@@ -31,7 +31,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -98,7 +97,7 @@ class _Row:
     """One optimizer of the step part: its own copy of the weights, its optimizer, its times."""
 
     def __init__(self, label: str, make, weights: list[torch.Tensor]):
-        self.label, self.times, self.error = label, [], None
+        self.label, self.times, self.error = label, [], None  # times: filled by step_part
         self.backend = "torch" if label.endswith(TORCH_KERNELS) else None
         self.params = [torch.nn.Parameter(w.clone()) for w in weights]
         self.opt = self._guard(lambda: make(self.params))
@@ -114,17 +113,14 @@ class _Row:
         finally:
             set_backend(saved)
 
-    def step(self, grads: list[torch.Tensor], timed: bool) -> None:
-        if self.error:
-            return
-        for p, g in zip(self.params, grads):
-            p.grad = g.clone()
-        common.sync()
-        start = time.perf_counter()
-        self._guard(self.opt.step)
-        common.sync()
-        if timed:
-            self.times.append(time.perf_counter() - start)
+    def set_grads(self, grads: list[torch.Tensor]) -> None:
+        if not self.error:
+            for p, g in zip(self.params, grads):
+                p.grad = g.clone()
+
+    def step(self) -> None:
+        if not self.error:
+            self._guard(self.opt.step)
 
 
 def step_part(args, device) -> list[dict]:
@@ -136,11 +132,10 @@ def step_part(args, device) -> list[dict]:
     weights = [p.detach() for p in model.parameters()]
     n_params = sum(p.numel() for p in model.parameters())
     runs = [_Row(label, make, weights) for label, make in optimizer_rows(args)]
-    # Round-robin: every optimizer takes its step i before any takes step i + 1, so a busy machine
-    # slows all rows alike and the ratios stay fair.
-    for i in range(args.warmup + args.steps):
-        for run in runs:
-            run.step(grads, timed=i >= args.warmup)
+    all_times = common.round_robin_times([(lambda i, r=run: r.set_grads(grads), run.step) for run in runs],
+                                         args.warmup + args.steps, args.warmup)
+    for run, times in zip(runs, all_times):
+        run.times = times
     rows = []
     for run in runs:
         row = {"optim": run.label, "status": "error" if run.error else "ok"}

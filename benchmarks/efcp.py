@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -96,20 +95,19 @@ def part_step(args, device) -> list[dict]:
     runs = []
     for label, make in optimizer_rows(args):
         params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-        runs.append((label, params, make(params), []))
-    for i in range(warmup + args.steps):
-        for label, params, opt, times in runs:
+        runs.append((label, params, make(params)))
+
+    def set_grads(params):
+        def prepare(i):
             for p, g in zip(params, grads):
                 # a different gradient each step (the window must not hold one vector m times)
                 p.grad = g * (1.0 + 0.01 * (i % 7)) + 1e-4 * torch.randn_like(g)
-            common.sync()
-            start = time.perf_counter()
-            opt.step()
-            common.sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+        return prepare
+
+    all_times = common.round_robin_times([(set_grads(params), opt.step) for _, params, opt in runs],
+                                         warmup + args.steps, warmup)
     rows = []
-    for label, params, opt, times in runs:
+    for (label, params, opt), times in zip(runs, all_times):
         window = opt.window_bytes() if hasattr(opt, "window_bytes") else 0
         rows.append({"optimizer": label, "params": n_params, "window_bytes": window,
                      "dense_window_bytes": 4 * args.m * n_params if hasattr(opt, "window_bytes") else 0,

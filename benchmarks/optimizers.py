@@ -167,6 +167,23 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def round_robin_times(rows, total: int, warmup: int) -> list[list[float]]:
+    """Time ``step()`` of every ``(prepare(i), step())`` pair of ``rows`` for ``total`` steps,
+    the rows taking their step ``i`` in turn (round robin) so that a busy machine slows them alike;
+    ``prepare(i)`` (setting the gradients) is not timed, nor are the first ``warmup`` steps."""
+    times = [[] for _ in rows]
+    for i in range(total):
+        for (prepare, step), out in zip(rows, times):
+            prepare(i)
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            if i >= warmup:
+                out.append(time.perf_counter() - start)
+    return times
+
+
 class TimedTrainer(Trainer):
     """A plain Trainer whose optimizer's ``step`` is wrapped with a timer."""
 
