@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from packaging.version import Version
 
-from .transformers import _extend_enum
+from .transformers import _extend_enum, check_supported
 
 SUPPORTED = (Version("0.21"), Version("0.22"))  # [low, high): the tuner hooks we rely on are 0.21's
 
@@ -20,14 +20,7 @@ def check_version(installed: str | None = None) -> Version:
         import peft
 
         installed = peft.__version__
-    found = Version(installed)
-    low, high = SUPPORTED
-    if not (low <= found < high):
-        raise ImportError(
-            f"hf_ista's MatryoshkaLoRA registers with peft >= {low}, < {high}; found {found}. "
-            f"Install a supported version: pip install 'peft>={low},<{high}'"
-        )
-    return found
+    return check_supported("peft", installed, SUPPORTED, "hf_ista's MatryoshkaLoRA registers with")
 
 
 def register() -> bool:

@@ -222,19 +222,25 @@ def low_rank_param_groups(model, target_modules, rank: int, weight_decay: float)
     return [g for g in groups if g["params"]]
 
 
+def check_supported(package: str, installed: str, supported: tuple, what: str) -> Version:
+    """``installed`` as a Version, or an ImportError saying ``what`` needs ``package`` in ``supported``
+    (``[low, high)``) and how to install it."""
+    found = Version(installed)
+    low, high = supported
+    if not (low <= found < high):
+        raise ImportError(
+            f"{what} {package} >= {low}, < {high}; found {found}. "
+            f"Install a supported version: pip install '{package}>={low},<{high}'"
+        )
+    return found
+
+
 def _check_version(installed: str | None = None) -> Version:
     if installed is None:
         import transformers
 
         installed = transformers.__version__
-    found = Version(installed)
-    low, high = SUPPORTED
-    if not (low <= found < high):
-        raise ImportError(
-            f"hf_ista registers its optimizers with transformers >= {low}, < {high}; found {found}. "
-            f"Install a supported version: pip install 'transformers>={low},<{high}'"
-        )
-    return found
+    return check_supported("transformers", installed, SUPPORTED, "hf_ista registers its optimizers with")
 
 
 def _extend_enum(enum_cls, value: str) -> None:
