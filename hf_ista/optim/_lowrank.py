@@ -1,4 +1,4 @@
-"""What the low-rank optimizers (LDAdam, DCT-AdamW, later LoRDO) share.
+"""What the low-rank optimizers (LDAdam, DCT-AdamW, LoRDO) share.
 
 A parameter is *low-rank* when its group sets ``rank``, it is a matrix, ``rank`` is below its
 shorter side (a "low-rank" step at full rank would cost more than AdamW and add nothing: a LoRA
@@ -106,6 +106,19 @@ def adamw_update(p: torch.Tensor, state: dict, lr: float, weight_decay: float, b
         p.mul_(1 - lr * weight_decay).add_(direction, alpha=-lr)
     else:
         p.copy_(p.float().mul_(1 - lr * weight_decay).add_(direction, alpha=-lr))
+
+
+def transport_moments(m: torch.Tensor, v: torch.Tensor, change: torch.Tensor, rotated: torch.Tensor, step: int,
+                      betas) -> None:
+    """Carry Adam moments formed at ``step`` in basis ``P_old`` into basis ``P_new`` in place
+    (LDAdam's projection-aware moments): ``change = P_new^T P_old``, ``rotated = change @ m``;
+    ``m <- rotated`` and ``v <- |(C∘C)(v / bc2 - m² / bc1²) + rotated² / bc1²| bc2`` (the variance
+    each new coordinate inherits, plus its rotated mean squared), ``bc = 1 - beta^step``."""
+    beta1, beta2 = betas
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    variance = v / bc2 - m * m / bc1 ** 2
+    v.copy_(((change * change) @ variance).addcmul_(rotated, rotated, value=1 / bc1 ** 2).abs_().mul_(bc2))
+    m.copy_(rotated)
 
 
 class LowRankAdam(IstaOptimizer):

@@ -27,7 +27,7 @@ import torch
 
 from ._base import check_arg
 from ._lowrank import (ADAMW_KEYS, ERROR_FEEDBACK, ERROR_KEYS, LowRankAdam, add_error, error_shapes, init_error,
-                       oriented, store_error)
+                       oriented, store_error, transport_moments)
 
 
 class LDAdam(LowRankAdam):
@@ -98,10 +98,7 @@ class LDAdam(LowRankAdam):
             kept, lost = (a, projected) if t == 1 else (a + c * lifted_momentum, projected + c * rotated)
             store_error(state, torch.addmm(kept, new_basis, lost, alpha=-1))
         if t > 1:
-            bc1, bc2 = 1 - beta1 ** (t - 1), 1 - beta2 ** (t - 1)
-            variance = v / bc2 - m * m / bc1 ** 2
-            v.copy_(((change * change) @ variance).addcmul_(rotated, rotated, value=1 / bc1 ** 2).abs_().mul_(bc2))
-            m.copy_(rotated)
+            transport_moments(m, v, change, rotated, t - 1, group["betas"])
         basis.copy_(new_basis)
         direction = self._adam_direction(state, projected, group)
         self._apply_low_rank(p, group, basis, direction)
