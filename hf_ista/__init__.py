@@ -4,11 +4,11 @@
 MatryoshkaLoRA adapter as a PEFT type (``MatryoshkaLoraConfig``).
 """
 from . import integrations
-from .optim import DASH, DCTAdamW, LDAdam, MicroAdam, SparseGGT, SparseMFAC, state_bytes
+from .optim import DASH, DCTAdamW, LDAdam, LoRDO, MicroAdam, SparseGGT, SparseMFAC, state_bytes
 from .peft.matryoshka_lora import MatryoshkaLoraConfig
 
 __version__ = "0.1.0"
-__all__ = ["DASH", "DCTAdamW", "LDAdam", "MatryoshkaLoraConfig", "MicroAdam", "SparseGGT", "SparseMFAC",
+__all__ = ["DASH", "DCTAdamW", "LDAdam", "LoRDO", "MatryoshkaLoraConfig", "MicroAdam", "SparseGGT", "SparseMFAC",
            "state_bytes", "__version__"]
 
 integrations.register()

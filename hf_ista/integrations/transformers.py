@@ -153,6 +153,23 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         },
         adam_like=False,
     ),
+    "lordo": OptimizerSpec(
+        "hf_ista.optim.lordo:LoRDO",
+        {
+            "rank": _RANK,
+            "sync_every": Hyper(int, 16, lambda v: v >= 1, "an integer >= 1"),
+            "omega": Hyper(float, 0.5, lambda v: 0 <= v <= 1, "a float in [0, 1]"),
+            "clip": Hyper(float, 1.0, lambda v: v >= 0, "a float >= 0 (0: no clipping)"),
+            "mu": Hyper(float, 1.0, lambda v: v > 0, "a float > 0"),
+            "error_feedback": Hyper(str, "none", choices=("none", "fp32", "8bit", "4bit")),
+            "outer_lr": Hyper(float, 1.0, lambda v: v > 0, "a float > 0"),
+            "outer_momentum": Hyper(float, 0.0, lambda v: 0 <= v < 1, "a float in [0, 1)"),
+            "all_reduce_gradients": Hyper(bool, False, expected="true or false"),
+            "betas": _BETAS,
+            "eps": _EPS,
+        },
+        low_rank=True,
+    ),
 }
 
 
@@ -286,3 +303,19 @@ def register() -> None:
     for name in OPTIMIZERS:
         _extend_enum(OptimizerNames, name)
         handlers[OptimizerNames(name)] = _handler
+    _add_default_callback()
+
+
+def _add_default_callback() -> None:
+    """Give every Trainer the LoRDO callback (inert for other optimizers): ``optim="lordo"`` alone
+    then runs without DDP's per-step all-reduce and keeps each rank's state in checkpoints.
+    ``transformers.trainer.DEFAULT_CALLBACKS`` is the list every Trainer starts its callbacks from."""
+    from transformers import trainer
+
+    from ..callbacks.lordo import LoRDOCallback
+
+    if not isinstance(getattr(trainer, "DEFAULT_CALLBACKS", None), list):  # pragma: no cover
+        raise ImportError("hf_ista cannot find transformers.trainer.DEFAULT_CALLBACKS; this transformers is not one "
+                          f"hf_ista supports ({SUPPORTED[0]} <= version < {SUPPORTED[1]})")
+    if LoRDOCallback not in trainer.DEFAULT_CALLBACKS:
+        trainer.DEFAULT_CALLBACKS.append(LoRDOCallback)

@@ -4,6 +4,7 @@ from .dash import DASH
 from .dct_adamw import DCTAdamW
 from .efcp import SparseGGT, SparseMFAC
 from .ldadam import LDAdam
+from .lordo import LoRDO
 from .microadam import MicroAdam
 
-__all__ = ["DASH", "DCTAdamW", "IstaOptimizer", "LDAdam", "MicroAdam", "SparseGGT", "SparseMFAC", "state_bytes"]
+__all__ = ["DASH", "DCTAdamW", "IstaOptimizer", "LDAdam", "LoRDO", "MicroAdam", "SparseGGT", "SparseMFAC", "state_bytes"]
