@@ -30,7 +30,7 @@ def write_model_card(path: Path, recipe_path: str, recipe: dict, results: list[d
     hypers = markdown_table(["hyperparameter", "value"], [[k, f"`{v}`"] for k, v in main["hyperparameters"].items()])
     table = markdown_table(
         ["optimizer", "learning rate", "eval loss", "state bytes / param"],
-        [[f"`{r['optim']}`", f"{r['learning_rate']:g}", f"{r['eval_loss']:.4f}", f"{r['state_bytes_per_param']:.3f}"]
+        [[f"`{r['label']}`", f"{r['learning_rate']:g}", f"{r['eval_loss']:.4f}", f"{r['state_bytes_per_param']:.3f}"]
          for r in results],
     )
     text = string.Template((template_dir() / template).read_text()).substitute(
@@ -45,6 +45,8 @@ def write_model_card(path: Path, recipe_path: str, recipe: dict, results: list[d
     )
     if main.get("rank_metrics"):
         text += rank_metric_section(main)
+    if main.get("world_size", 1) > 1:
+        text += communication_section(results)
     Path(path).write_text(text)
     return text
 
@@ -60,6 +62,15 @@ def rank_metric_section(result: dict, template: str = "rank_metric.md") -> str:
         adapter=adapter, rank_table=markdown_table(["rank", *[f"eval {n}" for n in names]], rows),
         axis=aurac_spec.get("axis", "log2"), aurac="n/a" if result.get("aurac") is None else f"{result['aurac']:.4f}",
     )
+
+
+def communication_section(results: list[dict], template: str = "communication.md") -> str:
+    """Bytes each process passed to the training collectives, next to DDP's for the same steps."""
+    rows = [[f"`{r['label']}`", f"{r['steps']}", f"{r['comm_bytes']:,}", f"{r['ddp_comm_bytes']:,}",
+             f"{r['comm_bytes'] / r['ddp_comm_bytes']:.4f}" if r["ddp_comm_bytes"] else "n/a"] for r in results]
+    table = markdown_table(["optimizer", "steps", "bytes sent / process", "DDP's bytes, same steps", "ratio"], rows)
+    return string.Template((template_dir() / template).read_text()).substitute(
+        world_size=results[0]["world_size"], comm_table=table)
 
 
 def pruning_section(report, metrics: dict) -> str:

@@ -198,6 +198,7 @@ def run(recipe: RecipeArguments, training_args, block: dict | None = None) -> di
     optim = training_args.optim.value if hasattr(training_args.optim, "value") else str(training_args.optim)
     return {
         "optim": optim,
+        "label": optim,
         "optim_args": training_args.optim_args or "",
         "hyperparameters": resolved_hyperparameters(optim, training_args),
         "learning_rate": training_args.learning_rate,
@@ -211,6 +212,9 @@ def run(recipe: RecipeArguments, training_args, block: dict | None = None) -> di
         "output_dir": training_args.output_dir,
         "is_main": trainer.is_world_process_zero(),
         "world_size": training_args.world_size,
+        # what this process passed to gradient / pseudo-gradient collectives, and what DDP would have
+        "comm_bytes": bytes_communicated(trainer.optimizer, trainer.state.global_step, training_args.world_size),
+        "ddp_comm_bytes": ddp_bytes(trainer.optimizer, trainer.state.global_step, training_args.world_size),
         "adapter": block.get("adapter"),
         "rank_metrics": rank_metrics(metrics),
         "aurac": metrics.get("eval_aurac"),
@@ -220,6 +224,25 @@ def run(recipe: RecipeArguments, training_args, block: dict | None = None) -> di
         # model-card sections of callbacks that changed the saved model (the pruning table)
         "card_sections": [cb.model_card_section() for cb in callbacks if hasattr(cb, "model_card_section")],
     }
+
+
+def ddp_bytes(optimizer, steps: int, world_size: int) -> int:
+    """What DDP passes to its gradient all-reduce in ``steps`` optimizer steps: every trainable
+    parameter's gradient, in its dtype, once a step (none with one process)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    per_step = sum(p.numel() * p.element_size() for g in inner.param_groups for p in g["params"] if p.requires_grad)
+    return per_step * steps if world_size > 1 else 0
+
+
+def bytes_communicated(optimizer, steps: int, world_size: int) -> int:
+    """Bytes this process passed to the training collectives: LoRDO counts its own; any other
+    optimizer ran under DDP's per-step all-reduce."""
+    from hf_ista.optim import LoRDO
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if isinstance(inner, LoRDO):
+        return inner.bytes_communicated + (ddp_bytes(optimizer, steps, world_size) if inner.all_reduce_gradients else 0)
+    return ddp_bytes(optimizer, steps, world_size)
 
 
 def rank_metrics(metrics: dict) -> dict[int, dict[str, float]]:
@@ -258,9 +281,10 @@ def resolved_hyperparameters(optim: str, training_args) -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    rows = [("optimizer", "lr", "eval loss", "state B/param", "train s")]
-    rows += [(r["optim"], f"{r['learning_rate']:g}", f"{r['eval_loss']:.4f}",
-              f"{r['state_bytes_per_param']:.3f}", f"{r['train_seconds']:.0f}") for r in results]
+    sent = any(r.get("world_size", 1) > 1 for r in results)  # bytes sent: only where there were peers
+    rows = [("optimizer", "lr", "eval loss", "state B/param", "train s") + (("MB sent/rank",) if sent else ())]
+    rows += [(r["label"], f"{r['learning_rate']:g}", f"{r['eval_loss']:.4f}", f"{r['state_bytes_per_param']:.3f}",
+              f"{r['train_seconds']:.0f}") + ((f"{r['comm_bytes'] / 1e6:.2f}",) if sent else ()) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -278,9 +302,9 @@ def plot_loss_curves(results: list[dict], path: Path) -> None:
         train = [(h["step"], h["loss"]) for h in r["log_history"] if "loss" in h]
         evals = [(h["step"], h["eval_loss"]) for h in r["log_history"] if "eval_loss" in h]
         if train:
-            line, = ax.plot(*zip(*train), label=f"{r['optim']} train")
+            line, = ax.plot(*zip(*train), label=f"{r['label']} train")
             if evals:
-                ax.plot(*zip(*evals), "o--", color=line.get_color(), label=f"{r['optim']} eval")
+                ax.plot(*zip(*evals), "o--", color=line.get_color(), label=f"{r['label']} eval")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / byte)")
     ax.set_title("Loss curves")
@@ -305,8 +329,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out = str(Path(training_args.output_dir) / name)
         # A baseline starts fresh unless it says otherwise: the main run's checkpoint is not its own.
         fresh = {"resume_from_checkpoint": None, "output_dir": out, "hf_ista": None}
+        overrides = dict(overrides)
+        label = overrides.pop("label", None)  # the name of its row in the tables
         _, baseline_args, _ = load_recipe(recipe_path, {**fresh, **overrides, "output_dir": out})
-        results.append(run(recipe, baseline_args, {k: block.get(k) for k in ("adapter", "callbacks", "train_format")}))
+        result = run(recipe, baseline_args, {k: block.get(k) for k in ("adapter", "callbacks", "train_format")})
+        results.append({**result, "label": label or result["label"]})
 
     if results[0]["is_main"]:
         out_dir = Path(training_args.output_dir)

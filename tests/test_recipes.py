@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def test_the_method_recipes_exist():
     names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
     assert {"quickstart.yaml", "ldadam/quickstart.yaml", "dct_adamw/quickstart.yaml", "dash/quickstart.yaml",
-            "iobs/quickstart.yaml", "sparse_mfac/quickstart.yaml"} <= names
+            "iobs/quickstart.yaml", "sparse_mfac/quickstart.yaml", "lordo/quickstart.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
@@ -27,7 +27,8 @@ def test_recipe_parses_with_checked_optim_args(path):
     recipe, args, block = train.load_recipe(path)
     assert recipe.model_size in ("nano", "tiny", "small") and args.max_steps > 0
     for baseline in block.get("baselines", []):
-        train.load_recipe(path, {**baseline, "hf_ista": None})
+        overrides = {k: v for k, v in baseline.items() if k != "label"}  # label: the name of its table row
+        train.load_recipe(path, {**overrides, "hf_ista": None})
 
 
 @pytest.mark.parametrize("method, hypers", [
@@ -35,6 +36,8 @@ def test_recipe_parses_with_checked_optim_args(path):
     ("dct_adamw", {"rank": 16, "optim_target_modules": "all-linear"}),
     ("dash", {"inv_root": "ndb", "precond_freq": 10, "block_size": 1024, "eps": 1e-6}),
     ("sparse_mfac", {"m": 32, "density": 0.01, "damp": 1e-6}),
+    ("lordo", {"rank": 16, "sync_every": 16, "omega": 0.5, "clip": 1.0, "error_feedback": "none",
+               "optim_target_modules": "all-linear"}),
 ])
 def test_method_quickstart_trains(method, hypers, tmp_path):
     recipe, args, _ = train.load_recipe(ROOT / "recipes" / method / "quickstart.yaml",
