@@ -53,6 +53,7 @@ class Record(TrainerCallback):
 
 
 def train(resume=None, overrides=None):
+    seen.update(bytes=0, calls=0)  # each run counts its own collectives
     recipe, args, _ = load_recipe(recipe_path, {"output_dir": str(out_dir / "run"), **(overrides or {})})
     data = load_corpus(recipe.corpus, recipe.block_size, recipe.max_bytes, seed=args.seed)
     model = build_model(recipe)
