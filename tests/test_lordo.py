@@ -50,8 +50,9 @@ class ReferenceLowRankAdam:
     in the subspace of ``Q`` (the top-r subspace of the first clipped gradient, then of the
     pseudo-gradient every ``K`` steps, the moments carried over), AdamW for vectors."""
 
-    def __init__(self, weights, biases, lr, rank, K, clip, betas=(0.9, 0.999), eps=1e-8, wd=0.0, error_feedback=True):
-        self.weights, self.biases, self.error_feedback = weights, biases, error_feedback
+    def __init__(self, weights, biases, lr, rank, K, clip, betas=(0.9, 0.999), eps=1e-8, wd=0.0, error_feedback=True,
+                 omega=1.0):
+        self.weights, self.biases, self.error_feedback, self.omega = weights, biases, error_feedback, omega
         self.lr, self.r, self.K, self.clip, self.betas, self.eps, self.wd = lr, rank, K, clip, betas, eps, wd
         self.state = {}
         self.t = 0
@@ -72,8 +73,11 @@ class ReferenceLowRankAdam:
             s["u"] = b1 * s["u"] + (1 - b1) * low
             s["v"] = b2 * s["v"] + (1 - b2) * low * low
             d = (s["u"] / (1 - b1 ** self.t)) / ((s["v"] / (1 - b2 ** self.t)).sqrt() + self.eps)
+            update = s["Q"] @ d
+            if self.omega < 1:  # the full-rank term: G at the norm of d
+                update = (1 - self.omega) * g * (d.norm() / g.norm()) + self.omega * update
             with torch.no_grad():
-                _oriented(p).copy_((_oriented(p).double() * (1 - self.lr * self.wd) - self.lr * s["Q"] @ d).float())
+                _oriented(p).copy_((_oriented(p).double() * (1 - self.lr * self.wd) - self.lr * update).float())
         for p in self.biases:
             s = self.state.setdefault(p, {"m": torch.zeros_like(p, dtype=torch.float64),
                                           "v": torch.zeros_like(p, dtype=torch.float64)})
@@ -94,14 +98,16 @@ class ReferenceLowRankAdam:
                 s["u"], s["Q"], s["anchor"] = rotated, new, p.detach().clone()
 
 
-@pytest.mark.parametrize("wd, error_feedback", [(0.0, "fp32"), (0.1, "fp32"), (0.1, "none")])
-def test_omega_one_is_low_rank_adam(wd, error_feedback):
+@pytest.mark.parametrize("wd, error_feedback, omega", [(0.0, "fp32", 1.0), (0.1, "fp32", 1.0), (0.1, "none", 1.0),
+                                                       (0.1, "none", 0.6), (0.0, "fp32", 0.3)])
+def test_omega_one_is_low_rank_adam(wd, error_feedback, omega):
+    """omega=1 is low-rank Adam, written out in the test; omega < 1 adds the full-rank term."""
     model, data = _model()
     twin, _ = _model()
-    opt = LoRDO(_groups(model), lr=0.02, omega=1.0, sync_every=3, clip=0.5, weight_decay=wd,
+    opt = LoRDO(_groups(model), lr=0.02, omega=omega, sync_every=3, clip=0.5, weight_decay=wd,
                 error_feedback=error_feedback)
     ref = ReferenceLowRankAdam([twin[0].weight, twin[2].weight], [twin[0].bias, twin[2].bias], lr=0.02, rank=3,
-                               K=3, clip=0.5, wd=wd, error_feedback=error_feedback == "fp32")
+                               K=3, clip=0.5, wd=wd, error_feedback=error_feedback == "fp32", omega=omega)
     x, y = data
     for i in range(10):  # three synchronisations: the basis changes and the moments are carried over
         for m, o in ((model, opt), (twin, ref)):
@@ -370,3 +376,85 @@ def test_buckets_keep_one_dtype_and_close_at_the_size(monkeypatch):
     ts = [torch.zeros(8), torch.zeros(8), torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16), torch.zeros(40)]
     sizes = [[t.numel() for t in b] for b in lordo._buckets(ts)]
     assert sizes == [[8, 8], [4], [4], [40]]
+
+
+def test_fsdp_or_deepspeed_is_refused_with_a_clear_error():
+    from types import SimpleNamespace
+
+    from hf_ista.callbacks import LoRDOCallback
+
+    model, _ = _model()
+    opt = LoRDO(_groups(model), lr=1e-2)
+    for args in (_args(fsdp=["full_shard"]), _args(deepspeed="ds.json")):
+        with pytest.raises(ValueError, match="runs on DDP"):
+            LoRDOCallback().on_train_begin(args, SimpleNamespace(global_step=0), None, model=model, optimizer=opt)
+
+
+def _args(**kwargs):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"fsdp": None, "deepspeed": None, "fp16": False, "eval_strategy": "no", "eval_steps": None,
+                              "save_strategy": "no", "save_steps": 500, "output_dir": "out",
+                              "resume_from_checkpoint": None, **kwargs})
+
+
+def test_fp16_is_refused_on_several_processes(monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_ista.callbacks import LoRDOCallback
+
+    model, _ = _model()
+    opt = LoRDO(_groups(model), lr=1e-2)
+    monkeypatch.setattr(LoRDO, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="fp16"):
+        LoRDOCallback().on_train_begin(_args(fp16=True), SimpleNamespace(global_step=0), None, model=model,
+                                       optimizer=opt)
+
+
+def test_a_rank_file_of_another_run_is_refused(tmp_path, monkeypatch):
+    """Resuming checks each rank's file against the optimizer.pt the Trainer loaded (rank 0's): a stale
+    lordo_rank<r>.pt with the same step and world size is not silently used."""
+    from types import SimpleNamespace
+
+    from hf_ista.callbacks import LoRDOCallback
+    from hf_ista.callbacks.lordo import RANK_STATE
+
+    model, data = _model()
+    opt = LoRDO(_groups(model), lr=1e-2, sync_every=4)
+    _train(opt, model, data, 6)
+    other_model, _ = _model(seed=1)
+    other = LoRDO(_groups(other_model), lr=1e-2, sync_every=4)
+    _train(other, other_model, data, 6)
+    monkeypatch.setattr(LoRDO, "world_size", property(lambda self: 2))
+    folder = tmp_path / "checkpoint-6"
+    folder.mkdir()
+    args, state = _args(output_dir=str(tmp_path)), SimpleNamespace(global_step=6)
+    for source, ok in ((other, False), (opt, True)):
+        torch.save({"world_size": 2, "global_step": 6, "params": {}, "optimizer": source.state_dict()},
+                   folder / RANK_STATE.format(rank=0))
+        if ok:
+            LoRDOCallback()._load_rank_state(args, state, model, opt)
+        else:
+            with pytest.raises(ValueError, match="not from the checkpoint"):
+                LoRDOCallback()._load_rank_state(args, state, model, opt)
+
+
+def test_a_refused_checkpoint_leaves_the_optimizer_as_it_was():
+    model, data = _model()
+    opt = LoRDO(_groups(model), lr=1e-2, sync_every=8)
+    _train(opt, model, data, 5)
+    fresh = LoRDO(_groups(model), lr=1e-2, sync_every=4)
+    with pytest.raises(ValueError, match="sync_every=4"):
+        fresh.load_state_dict(opt.state_dict())
+    assert not fresh.state and fresh.local_steps == 0
+
+
+def test_the_optimizer_is_found_under_every_wrapper():
+    from types import SimpleNamespace
+
+    from hf_ista.callbacks.lordo import _lordo
+
+    model, _ = _model()
+    opt = LoRDO(_groups(model), lr=1e-2)
+    assert _lordo(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))) is opt
+    assert _lordo(SimpleNamespace(optimizer=torch.optim.SGD(model.parameters(), lr=1))) is None

@@ -1,6 +1,7 @@
 """What LoRDO needs from a ``transformers.Trainer`` run on several processes: DDP without its
 per-step gradient all-reduce, every rank's own state in checkpoints, the bytes sent in the logs,
-and a last synchronisation so the saved model is the workers' average.
+and a last synchronisation so the saved model is the workers' average (unless
+``load_best_model_at_end`` put a best checkpoint's weights on every rank).
 
 ``import hf_ista`` adds this callback to every Trainer (it does nothing unless the optimizer is
 :class:`~hf_ista.optim.lordo.LoRDO`), so ``TrainingArguments(optim="lordo")`` is enough.
@@ -19,8 +20,19 @@ RANK_STATE = "lordo_rank{rank}.pt"  # in each checkpoint folder, one per process
 
 
 def _lordo(optimizer) -> LoRDO | None:
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    return inner if isinstance(inner, LoRDO) else None
+    # accelerate's AcceleratedOptimizer wraps it, DeepSpeed's optimizer wraps that
+    for _ in range(4):
+        if isinstance(optimizer, LoRDO) or not hasattr(optimizer, "optimizer"):
+            break
+        optimizer = optimizer.optimizer
+    return optimizer if isinstance(optimizer, LoRDO) else None
+
+
+def _sharded() -> bool:
+    """Whether accelerate runs FSDP or DeepSpeed (from its config, not only TrainingArguments)."""
+    from accelerate.state import AcceleratorState, DistributedType, is_initialized
+
+    return is_initialized() and AcceleratorState().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def _local(optimizer) -> LoRDO | None:
@@ -43,10 +55,23 @@ class LoRDOCallback(TrainerCallback):
     # -- training begins: local gradients, each rank's state back --------------------------------
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if _lordo(optimizer) is not None and (args.fsdp or args.deepspeed or _sharded()):
+            raise ValueError("optim='lordo' runs on DDP (accelerate's MULTI_GPU / multi-CPU); FSDP shards the "
+                             "parameters it averages and DeepSpeed replaces the optimizer: unset fsdp / deepspeed")
         opt = _local(optimizer)
         if opt is None:
             return
+        if args.fp16:
+            # GradScaler skips optimizer.step() on each rank's own inf check: with local gradients the
+            # ranks would stop counting steps together and their collectives would no longer pair up.
+            raise ValueError("optim='lordo' on several processes does not support fp16 mixed precision (its "
+                             "GradScaler skips steps rank by rank); use bf16=True or fp32")
         self._watch_for_ddp(opt)
+        if args.save_strategy == "steps" and args.save_steps and args.save_steps >= 1 \
+                and int(args.save_steps) % opt.sync_every:
+            warnings.warn(f"LoRDO: save_steps={args.save_steps} is not a multiple of sync_every={opt.sync_every}: a "
+                          f"checkpoint's model.safetensors then holds rank 0's own parameters (every rank's are "
+                          f"in its lordo_rank<r>.pt, which resuming uses)", stacklevel=2)
         every = args.eval_steps
         if args.eval_strategy == "steps" and every and every >= 1 and int(every) % opt.sync_every:
             warnings.warn(f"LoRDO: eval_steps={every} is not a multiple of sync_every={opt.sync_every}: evaluations "
@@ -73,7 +98,10 @@ class LoRDOCallback(TrainerCallback):
             self._finder = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._stop_watching()  # after one step there is nothing left to find
+        if self._finder is not None:  # one step, and no DDP forward seen
+            warnings.warn("LoRDO: no DistributedDataParallel forward was seen in the first step; if the model is "
+                          "wrapped some other way its gradients may still be all-reduced every step", stacklevel=2)
+        self._stop_watching()
 
     def _load_rank_state(self, args, state, model, opt: LoRDO) -> None:
         folder = _checkpoint_folder(args, state.global_step)
@@ -82,11 +110,16 @@ class LoRDOCallback(TrainerCallback):
             raise FileNotFoundError(
                 f"LoRDO: resuming at step {state.global_step} with {opt.world_size} processes needs each rank's "
                 f"state ({RANK_STATE.format(rank=_rank())}) in the checkpoint; none found in "
-                f"{folder or args.output_dir}. Resume from a checkpoint saved by a LoRDO run with as many processes.")
+                f"{folder or args.output_dir}. Resume from a checkpoint saved by a LoRDO run with as many processes "
+                f"(a checkpoint outside output_dir: name it in TrainingArguments(resume_from_checkpoint=...)).")
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["world_size"] != opt.world_size or saved["global_step"] != state.global_step:
             raise ValueError(f"LoRDO: {path} was saved at step {saved['global_step']} by {saved['world_size']} "
                              f"processes; this run resumes at step {state.global_step} with {opt.world_size}")
+        if not _same_run(saved["optimizer"], opt.state_dict()):
+            raise ValueError(f"LoRDO: {path} is not from the checkpoint the Trainer resumed from (its anchors or "
+                             f"counters differ from that checkpoint's optimizer.pt); name the checkpoint in "
+                             f"TrainingArguments(resume_from_checkpoint=...)")
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in saved["params"]:
@@ -108,6 +141,8 @@ class LoRDOCallback(TrainerCallback):
             "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": opt.state_dict(),
         }, os.path.join(folder, RANK_STATE.format(rank=_rank())))
+        # ranks run up to sync_every steps apart: none may rotate this checkpoint away before all wrote
+        torch.distributed.barrier()
 
     # -- logs: what was sent, and what DDP would have sent --------------------------------------
 
@@ -129,8 +164,20 @@ class LoRDOCallback(TrainerCallback):
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         self._stop_watching()
         opt = _local(optimizer)
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            return  # every rank now holds the best checkpoint's weights: an outer step would move them
         if opt is not None and opt.local_steps:
             opt.synchronize()
+
+
+def _same_run(saved: dict, loaded: dict) -> bool:
+    """Whether a rank's saved optimizer state belongs with the one the Trainer loaded (rank 0's):
+    the anchors are the same on every rank (set at the last synchronisation), and so are the counters."""
+    if saved["lordo"]["syncs"] != loaded["lordo"]["syncs"] or \
+            saved["lordo"]["local_steps"] != loaded["lordo"]["local_steps"]:
+        return False
+    return all(torch.equal(s["anchor"].cpu(), loaded["state"][i]["anchor"].cpu())
+               for i, s in saved["state"].items() if "anchor" in s and "anchor" in loaded["state"].get(i, {}))
 
 
 def _checkpoint_folder(args, step: int) -> str | None:

@@ -70,7 +70,8 @@ def _bits(state: dict) -> int:
 
 def add_error(state: dict, grad: torch.Tensor) -> torch.Tensor:
     """``g + e`` in fp32, oriented, in a new tensor (``grad`` is left as the Trainer gave it); with no
-    error kept, the gradient itself (callers only read it)."""
+    error kept, ``grad``'s oriented fp32 view itself (the Trainer's gradient when it is fp32: callers
+    write only to a copy they passed in)."""
     g = oriented(grad).float()
     if "error" in state:
         return g + oriented(state["error"])

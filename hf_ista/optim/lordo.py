@@ -32,8 +32,8 @@ bytes DDP would send for one step), the outer step ``θ = θ_anchor + outer_lr �
 ``outer_momentum`` if set) puts every worker on the same parameters, and ``Q`` becomes the top-r
 left singular subspace of ``Δ̄`` (computed by rank 0 and broadcast, so all workers share it
 exactly); the moments are carried into the new basis as LDAdam does. The first ``Q`` is the top-r
-subspace of rank 0's first clipped gradient (broadcast). With one process nothing is sent and
-the same algorithm runs.
+subspace of rank 0's first gradient (of the weight itself where that gradient is not finite),
+broadcast. With one process nothing is sent and the same algorithm runs.
 
 Moments, error and anchor are each worker's own: checkpoints keep them per rank
 (:class:`hf_ista.callbacks.LoRDOCallback`). With several processes the model must not be
@@ -295,7 +295,7 @@ class LoRDO(LowRankAdam):
                 step = mean.add(buf, alpha=group["outer_momentum"])  # Nesterov
             unchanged = not averaged and group["outer_lr"] == 1 and group["outer_momentum"] == 0
             if not unchanged:  # θ already is θ_anchor + Δ (exactly, which the sum would round)
-                p.copy_(state["anchor"].float().add_(step, alpha=group["outer_lr"]))
+                p.copy_(torch.add(state["anchor"].float(), step, alpha=group["outer_lr"]))
             state["anchor"].copy_(p)
             if "basis" in state:
                 low_rank.append((p, group))
@@ -333,10 +333,10 @@ class LoRDO(LowRankAdam):
                              "syncs and bytes communicated)")
         state_dict = dict(state_dict)
         counters = state_dict.pop("lordo")
+        if counters["local_steps"] >= self.sync_every:  # refused before anything is loaded
+            raise ValueError(f"this checkpoint was saved {counters['local_steps']} steps after a synchronisation, "
+                             f"which sync_every={self.sync_every} does not allow (it was {counters['sync_every']})")
         super().load_state_dict(state_dict)
         self.local_steps = counters["local_steps"]
         self.syncs = counters["syncs"]
         self.bytes_communicated = counters["bytes_communicated"]
-        if self.local_steps >= self.sync_every:
-            raise ValueError(f"this checkpoint was saved {self.local_steps} steps after a synchronisation, which "
-                             f"sync_every={self.sync_every} does not allow (it was {counters['sync_every']})")
