@@ -80,6 +80,14 @@ def _buckets(tensors: list[torch.Tensor]):
         yield bucket
 
 
+def _flat_collective(tensors: list[torch.Tensor], collective) -> None:
+    """Run ``collective`` (in place) on ``tensors`` packed into one flat buffer, then unpack."""
+    flat = torch.cat([t.flatten() for t in tensors])
+    collective(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
 def top_subspace(x: torch.Tensor, rank: int) -> torch.Tensor:
     """The top-``rank`` left singular vectors of ``x`` (``n x N``, ``n <= N``) as ``n x rank``
     orthonormal columns, from the eigenvectors of the ``n x n`` Gram matrix."""
@@ -185,10 +193,7 @@ class LoRDO(LowRankAdam):
             for basis, x in zip(bases, sources):
                 basis.copy_(top_subspace(x, basis.shape[1]))
         if self.world_size > 1 and bases:
-            flat = torch.cat([b.flatten() for b in bases])
-            self._broadcast(flat)
-            for basis, part in zip(bases, flat.split([b.numel() for b in bases])):
-                basis.copy_(part.view_as(basis))
+            _flat_collective(bases, self._broadcast)
 
     # -- the local step ------------------------------------------------------------------------
 
@@ -314,10 +319,7 @@ class LoRDO(LowRankAdam):
     def _average(self, tensors: list[torch.Tensor]) -> None:
         """Sum ``tensors`` across the workers in place, one all-reduce per bucket."""
         for bucket in _buckets(tensors):
-            flat = torch.cat([t.flatten() for t in bucket])
-            self._all_reduce(flat)
-            for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
-                t.copy_(part.view_as(t))
+            _flat_collective(bucket, self._all_reduce)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
