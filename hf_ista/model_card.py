@@ -40,7 +40,7 @@ def write_model_card(path: Path, recipe_path: str, recipe: dict, results: list[d
         world_size=main["world_size"], corpus=recipe.get("corpus"), block_size=recipe.get("block_size"),
         learning_rate=f"{main['learning_rate']:g}", hyperparameters=hypers,
         state_bytes=f"{main['state_bytes']:,}", state_bytes_per_param=f"{main['state_bytes_per_param']:.3f}",
-        results_table=table, hf_ista_version=hf_ista.__version__,
+        results_table=table, hf_ista_version=hf_ista.__version__, launch_flags=launch_flags(main["world_size"]),
         transformers_version=transformers.__version__, torch_version=torch.__version__,
     )
     if main.get("rank_metrics"):
@@ -49,6 +49,13 @@ def write_model_card(path: Path, recipe_path: str, recipe: dict, results: list[d
         text += communication_section(results)
     Path(path).write_text(text)
     return text
+
+
+def launch_flags(world_size: int) -> str:
+    """``accelerate launch`` flags that start as many processes as the run had."""
+    if world_size <= 1:
+        return "--config_file recipes/accelerate/cpu.yaml"
+    return f"--config_file recipes/accelerate/multi_gpu.yaml --num_processes {world_size}"
 
 
 def rank_metric_section(result: dict, template: str = "rank_metric.md") -> str:

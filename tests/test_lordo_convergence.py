@@ -38,3 +38,4 @@ def test_lordo_quickstart_within_5_percent_of_low_rank_ddp(tmp_path):
     assert lordo["ddp_comm_bytes"] == ddp["ddp_comm_bytes"] > 0
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Communication" in card and f"{lordo['comm_bytes']:,}" in card
+    assert "accelerate/multi_gpu.yaml --num_processes 2 -m hf_ista.train" in card  # how to reproduce it

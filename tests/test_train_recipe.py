@@ -38,6 +38,8 @@ def test_recipe_with_baseline_writes_table_plot_and_card(tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "**`microadam`**" in card and "| m | `4` |" in card and "| density | `0.05` |" in card
     assert f"{results[0]['state_bytes']:,} bytes" in card
+    assert "accelerate launch --config_file recipes/accelerate/cpu.yaml -m hf_ista.train" in card  # one process
+    assert "## Communication" not in card and "MB sent" not in table
     assert json.loads((out / "results.json").read_text())[1]["optim"] == "adamw_torch"
 
 
