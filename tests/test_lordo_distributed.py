@@ -112,3 +112,15 @@ def test_low_rank_ddp_mode_keeps_ranks_identical_and_sends_only_bases(ranks):
     assert logged["comm_bytes"] == a["ddp_bytes_per_step"] * a["max_steps"] + a["steps"][-1]["bytes_communicated"]
     # the same data and start as the LoRDO run, a different trajectory
     assert not torch.equal(a["final"], ranks[0]["first"]["final"])
+
+
+def test_bf16_parameters_average_in_bf16(ranks):
+    a, b = (r["bf16"] for r in ranks)
+    K = a["sync_every"]
+    assert a["final"].dtype == torch.bfloat16 and a["ddp_bytes_per_step"] * 2 == ranks[0]["first"]["ddp_bytes_per_step"]
+    for sa, sb in zip(a["steps"], b["steps"]):
+        assert torch.equal(sa["params"], sb["params"]) == (sa["step"] % K == 0), sa["step"]
+    metadata = sum(n * rank * 4 for n, rank in a["low_rank_shapes"])  # the bases stay fp32
+    counted = [s["bytes_communicated"] for s in a["steps"]]
+    assert counted[2 * K - 1] - counted[K - 1] == a["ddp_bytes_per_step"] + metadata  # Δ in bf16: DDP's bytes
+    assert torch.isfinite(a["final"].float()).all() and not torch.equal(a["final"], a["steps"][0]["params"])

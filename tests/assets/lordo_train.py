@@ -2,7 +2,8 @@
 
 Usage: ``lordo_train.py RECIPE OUT_DIR``. Run 1 trains ``max_steps`` steps into ``OUT_DIR/run``
 (checkpoints every ``save_steps``); run 2 resumes from the first checkpoint into the same folder;
-run 3 is low-rank DDP (``all_reduce_gradients=true``: DDP's gradient all-reduce kept).
+run 3 is low-rank DDP (``all_reduce_gradients=true``: DDP's gradient all-reduce kept); run 4 trains
+bf16 parameters (pseudo-gradients all-reduced in bf16).
 Each rank writes ``OUT_DIR/rank<r>.pt``: after every step its flat parameters, the bases and its
 own losses, the optimizer's byte counter and the bytes this test saw passed to the collectives.
 """
@@ -52,11 +53,13 @@ class Record(TrainerCallback):
         })
 
 
-def train(resume=None, overrides=None):
+def train(resume=None, overrides=None, dtype=None):
     seen.update(bytes=0, calls=0)  # each run counts its own collectives
     recipe, args, _ = load_recipe(recipe_path, {"output_dir": str(out_dir / "run"), **(overrides or {})})
     data = load_corpus(recipe.corpus, recipe.block_size, recipe.max_bytes, seed=args.seed)
     model = build_model(recipe)
+    if dtype is not None:
+        model.to(dtype)
     record = Record()
     # each rank's own training losses, one per micro-batch (the Trainer logs their mean over ranks)
     model.register_forward_hook(lambda m, a, out: record.losses.append(out.loss.item()) if m.training else None)
@@ -80,5 +83,6 @@ resumed = train(resume=str(out_dir / "run" / f"checkpoint-{first['save_steps']}"
 recipe, args, _ = load_recipe(recipe_path)
 ddp = train(overrides={"output_dir": str(out_dir / "ddp"), "save_strategy": "no",
                        "optim_args": args.optim_args + ",all_reduce_gradients=true"})
+bf16 = train(overrides={"output_dir": str(out_dir / "bf16"), "save_strategy": "no"}, dtype=torch.bfloat16)
 torch.save({"rank": dist.get_rank(), "world_size": dist.get_world_size(), "backend": dist.get_backend(),
-            "first": first, "resumed": resumed, "ddp": ddp}, out_dir / f"rank{dist.get_rank()}.pt")
+            "first": first, "resumed": resumed, "ddp": ddp, "bf16": bf16}, out_dir / f"rank{dist.get_rank()}.pt")
