@@ -61,8 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps (the window holds steps/precond_freq root steps)")
     p.add_argument("--batch", type=int, default=8, help="sequences of 128 bytes for the one fixed gradient")
     p.add_argument("--scratch-steps", type=int, default=150, help="convergence part: steps per run")
-    p.add_argument("--threads", type=int, default=None, help="torch threads; default 1 without CUDA, 0 = default")
-    p.add_argument("--device-name", default="auto")
+    common.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/dash-<device>.json)")
     return p.parse_args(argv)
@@ -188,10 +187,7 @@ def convergence_part(args, out: Path) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
-    if args.threads is None:
-        args.threads = 0 if torch.cuda.is_available() else 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     label = common.device_label(args.device_name)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]

@@ -60,8 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lrs-mfac", type=float_list, default=[3e-3, 1e-2, 3e-2, 1e-1])
     p.add_argument("--lrs-ggt", type=float_list, default=[0.03, 0.1, 0.3, 1.0])
     p.add_argument("--rows", default="adamw,mfac,mfac-dense,ggt,ggt-dense", help="convergence rows to run")
-    p.add_argument("--threads", type=int, default=None, help="torch threads; default 1 without CUDA, 0 = default")
-    p.add_argument("--device-name", default="auto")
+    common.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/efcp-<device>.json)")
     return p.parse_args(argv)
@@ -174,10 +173,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
     conv.quiet_environment()
-    if args.threads is None:
-        args.threads = 0 if torch.cuda.is_available() else 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     label = common.device_label(args.device_name)
     result = {"environment": common.environment(label), "args": {k: v for k, v in vars(args).items()}}

