@@ -9,27 +9,16 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import hf_ista
-from hf_ista.data import load_corpus, tiny_llama
+from hf_ista.data import tiny_llama
 from hf_ista.integrations import transformers as hf_integration
 from hf_ista.optim import DASH
+from trainer_helpers import assert_resumed_equal, corpus, training_args  # noqa: F401  (corpus: a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, disable_tqdm=True,
-                per_device_train_batch_size=4, seed=0, data_seed=0)
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return load_corpus("stdlib", block_size=64, max_bytes=60_000, eval_fraction=0.1, seed=0)
-
-
-def test_trainer_builds_dash_with_typed_args(tmp_path):
-    args = _args(tmp_path, optim="dash", learning_rate=2e-3, weight_decay=0.1,
+def test_trainer_builds_dash_with_typedtraining_args(tmp_path):
+    args = training_args(tmp_path, optim="dash", learning_rate=2e-3, weight_decay=0.1,
                  optim_args="block_size=16,inv_root=cheby,precond_freq=5,scaling=fro,grafting=adam,"
                             "beta_lr=0.9,beta_g=0.8,beta_graft=0.99,eps=1e-3,graft_eps=1e-7,newton_steps=12,"
                             "cheby_degree=30,start_step=3,one_dim=shampoo")
@@ -45,7 +34,7 @@ def test_trainer_builds_dash_with_typed_args(tmp_path):
 
 
 def test_defaults_are_the_documented_ones(tmp_path):
-    opt = Trainer(model=tiny_llama("nano"), args=_args(tmp_path, optim="dash")).create_optimizer()
+    opt = Trainer(model=tiny_llama("nano"), args=training_args(tmp_path, optim="dash")).create_optimizer()
     group = opt.param_groups[0]
     assert (group["block_size"], group["inv_root"], group["precond_freq"], group["scaling"], group["eps"]) == (
         1024, "ndb", 10, "power", 1e-6)
@@ -74,7 +63,7 @@ def test_command_line(tmp_path):
 
 
 def _train(tmp_path, corpus, out_name, resume=None):
-    args = _args(tmp_path, output_dir=str(tmp_path / out_name), optim="dash", learning_rate=3e-3,
+    args = training_args(tmp_path, output_dir=str(tmp_path / out_name), optim="dash", learning_rate=3e-3,
                  optim_args="block_size=16,precond_freq=3", max_steps=8, logging_steps=1,
                  save_strategy="steps", save_steps=4, lr_scheduler_type="linear")
     trainer = Trainer(model=tiny_llama("nano"), args=args, train_dataset=corpus["train"])
@@ -95,20 +84,11 @@ def test_resume_from_checkpoint_gives_identical_losses(tmp_path, corpus):
     assert sorted(resumed_losses) == sorted(full_losses) == list(range(1, 9))
     assert [resumed_losses[s] for s in range(5, 9)] == [full_losses[s] for s in range(5, 9)]
     assert len(set(full_losses.values())) > 4  # the losses do move, so equality is not vacuous
-    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), name
-    for p_full, p_resumed in zip(full.model.parameters(), resumed.model.parameters()):
-        s_full, s_resumed = full.optimizer.state[p_full], resumed.optimizer.state[p_resumed]
-        assert s_full.keys() == s_resumed.keys()
-        for key in s_full:
-            if torch.is_tensor(s_full[key]):
-                assert torch.equal(s_full[key], s_resumed[key]), key
-            else:
-                assert s_full[key] == s_resumed[key] == 8, key
+    assert_resumed_equal(full, resumed, steps=8)
 
 
 def test_short_training_lowers_eval_loss(tmp_path, corpus):
-    args = _args(tmp_path, optim="dash", optim_args="block_size=64", learning_rate=3e-3, max_steps=30,
+    args = training_args(tmp_path, optim="dash", optim_args="block_size=64", learning_rate=3e-3, max_steps=30,
                  per_device_train_batch_size=8, per_device_eval_batch_size=32, save_strategy="no",
                  logging_steps=10, warmup_steps=3)
     trainer = Trainer(model=tiny_llama("nano"), args=args, train_dataset=corpus["train"], eval_dataset=corpus["eval"])
@@ -121,7 +101,7 @@ def test_short_training_lowers_eval_loss(tmp_path, corpus):
 
 def test_state_bytes_through_the_trainer(tmp_path, corpus):
     model = tiny_llama("nano")
-    trainer = Trainer(model=model, args=_args(tmp_path, optim="dash", optim_args="block_size=16", max_steps=1,
+    trainer = Trainer(model=model, args=training_args(tmp_path, optim="dash", optim_args="block_size=16", max_steps=1,
                                               save_strategy="no"), train_dataset=corpus["train"])
     trainer.train()
     expected = 0

@@ -10,28 +10,17 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import hf_ista
-from hf_ista.data import load_corpus, tiny_llama
+from hf_ista.data import tiny_llama
 from hf_ista.integrations import transformers as hf_integration
 from hf_ista.kernels import efcp as K
 from hf_ista.optim import SparseGGT, SparseMFAC
+from trainer_helpers import assert_resumed_equal, corpus, training_args  # noqa: F401  (corpus: a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, disable_tqdm=True,
-                per_device_train_batch_size=4, seed=0, data_seed=0)
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return load_corpus("stdlib", block_size=64, max_bytes=60_000, eval_fraction=0.1, seed=0)
-
-
-def test_trainer_builds_sparse_mfac_with_typed_args(tmp_path):
-    args = _args(tmp_path, optim="sparse_mfac", learning_rate=0.02, weight_decay=0.1,
+def test_trainer_builds_sparse_mfac_with_typedtraining_args(tmp_path):
+    args = training_args(tmp_path, optim="sparse_mfac", learning_rate=0.02, weight_decay=0.1,
                  optim_args="m=1024,density=0.01,damp=1e-6,momentum=0.5")
     opt = Trainer(model=tiny_llama("nano"), args=args).create_optimizer()
     assert isinstance(opt, SparseMFAC)
@@ -42,8 +31,8 @@ def test_trainer_builds_sparse_mfac_with_typed_args(tmp_path):
     assert args.to_dict()["optim"] == "sparse_mfac"
 
 
-def test_trainer_builds_sparse_ggt_with_typed_args(tmp_path):
-    args = _args(tmp_path, optim="sparse_ggt", learning_rate=0.5, optim_args="m=16,density=1.0,eps=1e-3,rcond=1e-8")
+def test_trainer_builds_sparse_ggt_with_typedtraining_args(tmp_path):
+    args = training_args(tmp_path, optim="sparse_ggt", learning_rate=0.5, optim_args="m=16,density=1.0,eps=1e-3,rcond=1e-8")
     opt = Trainer(model=tiny_llama("nano"), args=args).create_optimizer()
     assert isinstance(opt, SparseGGT)
     group = opt.param_groups[0]
@@ -52,7 +41,7 @@ def test_trainer_builds_sparse_ggt_with_typed_args(tmp_path):
 
 
 def test_defaults_are_the_documented_ones(tmp_path):
-    opt = Trainer(model=tiny_llama("nano"), args=_args(tmp_path, optim="sparse_mfac")).create_optimizer()
+    opt = Trainer(model=tiny_llama("nano"), args=training_args(tmp_path, optim="sparse_mfac")).create_optimizer()
     group = opt.param_groups[0]
     assert (group["m"], group["density"], group["damp"], group["momentum"]) == (32, 0.01, 1e-6, 0.0)
 
@@ -87,7 +76,7 @@ RESUME = {"sparse_mfac": (0.03, "m=3,density=0.05,damp=1e-5,momentum=0.5"),
 
 def _train(tmp_path, corpus, out_name, resume=None, optim="sparse_mfac"):
     lr, optim_args = RESUME[optim]
-    args = _args(tmp_path, output_dir=str(tmp_path / out_name), optim=optim, learning_rate=lr,
+    args = training_args(tmp_path, output_dir=str(tmp_path / out_name), optim=optim, learning_rate=lr,
                  optim_args=optim_args, max_steps=8, logging_steps=1,
                  save_strategy="steps", save_steps=4, lr_scheduler_type="linear", weight_decay=0.01)
     trainer = Trainer(model=tiny_llama("nano"), args=args, train_dataset=corpus["train"])
@@ -109,21 +98,12 @@ def test_resume_after_the_ring_wrapped_gives_identical_losses(tmp_path, corpus, 
     assert sorted(resumed_losses) == sorted(full_losses) == list(range(1, 9))
     assert [resumed_losses[s] for s in range(5, 9)] == [full_losses[s] for s in range(5, 9)]
     assert len(set(full_losses.values())) > 4
-    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), name
-    for p_full, p_resumed in zip(full.model.parameters(), resumed.model.parameters()):
-        s_full, s_resumed = full.optimizer.state[p_full], resumed.optimizer.state[p_resumed]
-        assert s_full.keys() == s_resumed.keys()
-        for key in s_full:
-            if torch.is_tensor(s_full[key]):
-                assert s_full[key].dtype == s_resumed[key].dtype and torch.equal(s_full[key], s_resumed[key]), key
-            else:
-                assert s_full[key] == s_resumed[key] == 8, key
+    assert_resumed_equal(full, resumed, steps=8)
 
 
 def test_one_window_across_the_trainer_groups_and_its_bytes(tmp_path, corpus):
     model = tiny_llama("nano")
-    args = _args(tmp_path, optim="sparse_mfac", optim_args="m=4,density=0.01", max_steps=1, save_strategy="no",
+    args = training_args(tmp_path, optim="sparse_mfac", optim_args="m=4,density=0.01", max_steps=1, save_strategy="no",
                  weight_decay=0.1)
     trainer = Trainer(model=model, args=args, train_dataset=corpus["train"])
     trainer.train()
@@ -138,7 +118,7 @@ def test_one_window_across_the_trainer_groups_and_its_bytes(tmp_path, corpus):
 
 
 def _final_eval(tmp_path, corpus, name, density):
-    args = _args(tmp_path, output_dir=str(tmp_path / name), optim="sparse_mfac", learning_rate=0.03,
+    args = training_args(tmp_path, output_dir=str(tmp_path / name), optim="sparse_mfac", learning_rate=0.03,
                  optim_args=f"m=16,density={density},damp=1e-6", max_steps=40, per_device_train_batch_size=8,
                  per_device_eval_batch_size=32, save_strategy="no", logging_steps=10, warmup_steps=4,
                  lr_scheduler_type="cosine")

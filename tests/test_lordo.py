@@ -323,14 +323,14 @@ def test_state_bytes_count_the_anchor():
 
 
 def _trainer(tmp_path, optim, optim_args="", steps=4, **kwargs):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
+    from trainer_helpers import training_args
 
     from hf_ista.data import load_corpus, tiny_llama
 
     data = load_corpus("json", 64, 40_000, seed=0)
-    args = TrainingArguments(str(tmp_path), optim=optim, optim_args=optim_args, learning_rate=1e-2, max_steps=steps,
-                             per_device_train_batch_size=4, logging_steps=1, report_to="none", save_strategy="no",
-                             disable_tqdm=True, use_cpu=True, **kwargs)
+    args = training_args(tmp_path, optim=optim, optim_args=optim_args, learning_rate=1e-2, max_steps=steps,
+                         logging_steps=1, save_strategy="no", **kwargs)
     return Trainer(model=tiny_llama("nano", seed=0, max_position_embeddings=64), args=args,
                    train_dataset=data["train"])
 

@@ -10,29 +10,18 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import hf_ista
-from hf_ista.data import load_corpus, tiny_llama
+from hf_ista.data import tiny_llama
 from hf_ista.integrations import transformers as hf_integration
 from hf_ista.kernels import lowrank as K
 from hf_ista.optim import DCTAdamW, LDAdam
 from hf_ista.optim._lowrank import QUANT_BLOCK
 from hf_ista.optim._lowrank import oriented
+from trainer_helpers import assert_resumed_equal, corpus, training_args  # noqa: F401  (corpus: a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 DCT_ARGS = "rank=16,error_feedback=4bit,rotate_moments=true,update_proj_gap=5,fft=off"
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, disable_tqdm=True,
-                per_device_train_batch_size=4, seed=0, data_seed=0)
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return load_corpus("stdlib", block_size=64, max_bytes=60_000, eval_fraction=0.1, seed=0)
 
 
 def _groups_by_name(model, optimizer):
@@ -63,7 +52,7 @@ def _expected_target(name, modules):
      {"error_feedback": "4bit", "rotate_moments": True, "update_proj_gap": 5, "fft": "off"}),
 ])
 def test_trainer_builds_low_rank_groups(tmp_path, optim, optim_args, cls, extra):
-    args = _args(tmp_path, optim=optim, optim_args=optim_args, optim_target_modules="all-linear",
+    args = training_args(tmp_path, optim=optim, optim_args=optim_args, optim_target_modules="all-linear",
                  learning_rate=2e-3, weight_decay=0.1)
     model = tiny_llama("nano")
     trainer = Trainer(model=model, args=args)
@@ -115,7 +104,7 @@ def test_trainer_builds_low_rank_groups(tmp_path, optim, optim_args, cls, extra)
     ("all_linear", LINEAR + ("lm_head",)),
 ])
 def test_target_modules_choose_the_rank_group(tmp_path, optim, targets, modules):
-    args = _args(tmp_path, optim=optim, optim_args="rank=4", optim_target_modules=targets, weight_decay=0.1)
+    args = training_args(tmp_path, optim=optim, optim_args="rank=4", optim_target_modules=targets, weight_decay=0.1)
     model = tiny_llama("nano")
     opt = Trainer(model=model, args=args).create_optimizer()
     by_name = _groups_by_name(model, opt)
@@ -131,7 +120,7 @@ def test_target_modules_choose_the_rank_group(tmp_path, optim, targets, modules)
 
 @pytest.mark.parametrize("targets", ["nothing_here", ["embed_tokens"], ["no_such_proj"]])
 def test_target_matching_no_linear_is_refused(tmp_path, targets):
-    args = _args(tmp_path, optim="ldadam", optim_target_modules=targets)
+    args = training_args(tmp_path, optim="ldadam", optim_target_modules=targets)
     with pytest.raises(ValueError, match="matches no trainable nn.Linear weight"):
         Trainer(model=tiny_llama("nano"), args=args).create_optimizer()
 
@@ -147,7 +136,7 @@ def test_target_matching_no_linear_is_refused(tmp_path, targets):
     ("dct_adamw", "rho=0.5", ["unknown key 'rho'", "'dct_adamw'", "update_proj_gap"]),
 ])
 def test_bad_optim_args_name_the_key(tmp_path, optim, optim_args, words):
-    args = _args(tmp_path, optim=optim, optim_args=optim_args)
+    args = training_args(tmp_path, optim=optim, optim_args=optim_args)
     with pytest.raises(ValueError) as err:
         Trainer(model=tiny_llama("nano"), args=args).create_optimizer()
     for word in words:
@@ -190,7 +179,7 @@ def test_command_line(tmp_path):
 
 
 def _train(tmp_path, corpus, out_name, optim, optim_args, resume=None, max_steps=8, **kw):
-    args = _args(tmp_path, output_dir=str(tmp_path / out_name), optim=optim, learning_rate=1e-2,
+    args = training_args(tmp_path, output_dir=str(tmp_path / out_name), optim=optim, learning_rate=1e-2,
                  optim_args=optim_args, max_steps=max_steps, logging_steps=1,
                  save_strategy="steps", save_steps=4, lr_scheduler_type="linear", **kw)
     trainer = Trainer(model=tiny_llama("nano"), args=args, train_dataset=corpus["train"])
@@ -222,16 +211,7 @@ def test_resume_from_checkpoint_gives_identical_losses(tmp_path, corpus, optim, 
     assert sorted(resumed_losses) == sorted(full_losses) == list(range(1, 9))
     assert [resumed_losses[s] for s in range(5, 9)] == [full_losses[s] for s in range(5, 9)]
     assert len(set(full_losses.values())) > 4  # the losses do move, so equality is not vacuous
-    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), name
-    for p_full, p_resumed in zip(full.model.parameters(), resumed.model.parameters()):
-        s_full, s_resumed = full.optimizer.state[p_full], resumed.optimizer.state[p_resumed]
-        assert s_full.keys() == s_resumed.keys()
-        for key in s_full:
-            if torch.is_tensor(s_full[key]):
-                assert s_full[key].dtype == s_resumed[key].dtype and torch.equal(s_full[key], s_resumed[key]), key
-            else:
-                assert s_full[key] == s_resumed[key] == 8, key
+    assert_resumed_equal(full, resumed, steps=8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +224,7 @@ def test_ldadam_error_survives_gradient_accumulation(tmp_path, corpus):
                   save_strategy="no")
     runs = {}
     for ga, batch in ((2, 4), (1, 8)):
-        args = _args(tmp_path, output_dir=str(tmp_path / f"ga{ga}"), gradient_accumulation_steps=ga,
+        args = training_args(tmp_path, output_dir=str(tmp_path / f"ga{ga}"), gradient_accumulation_steps=ga,
                      per_device_train_batch_size=batch, **common)
         trainer = Trainer(model=tiny_llama("nano"), args=args, train_dataset=corpus["train"])
         trainer.train()
@@ -289,7 +269,7 @@ def test_ldadam_error_survives_gradient_accumulation(tmp_path, corpus):
     ("dct_adamw", "rank=8,error_feedback=4bit,update_proj_gap=5,rotate_moments=true"),
 ])
 def test_short_training_lowers_eval_loss(tmp_path, corpus, optim, optim_args):
-    args = _args(tmp_path, optim=optim, optim_args=optim_args, learning_rate=1e-2, max_steps=30,
+    args = training_args(tmp_path, optim=optim, optim_args=optim_args, learning_rate=1e-2, max_steps=30,
                  per_device_train_batch_size=8, per_device_eval_batch_size=32, save_strategy="no",
                  logging_steps=10, warmup_steps=3)
     trainer = Trainer(model=tiny_llama("nano"), args=args, train_dataset=corpus["train"],
@@ -339,7 +319,7 @@ def _expected_state_bytes(model, optim, rank, error_feedback="none"):
     ("dct_adamw", "rank=4,error_feedback=fp32"),
 ])
 def test_state_bytes_exact(tmp_path, corpus, optim, optim_args):
-    args = _args(tmp_path, optim=optim, optim_args=optim_args, learning_rate=1e-3, max_steps=2, save_strategy="no")
+    args = training_args(tmp_path, optim=optim, optim_args=optim_args, learning_rate=1e-3, max_steps=2, save_strategy="no")
     model = tiny_llama("nano")
     trainer = Trainer(model=model, args=args, train_dataset=corpus["train"])
     trainer.train()
