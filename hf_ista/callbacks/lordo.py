@@ -21,9 +21,7 @@ RANK_STATE = "lordo_rank{rank}.pt"  # in each checkpoint folder, one per process
 
 def _lordo(optimizer) -> LoRDO | None:
     # accelerate's AcceleratedOptimizer wraps it, DeepSpeed's optimizer wraps that
-    for _ in range(4):
-        if isinstance(optimizer, LoRDO) or not hasattr(optimizer, "optimizer"):
-            break
+    while not isinstance(optimizer, LoRDO) and getattr(optimizer, "optimizer", optimizer) is not optimizer:
         optimizer = optimizer.optimizer
     return optimizer if isinstance(optimizer, LoRDO) else None
 
