@@ -229,9 +229,9 @@ def run(recipe: RecipeArguments, training_args, block: dict | None = None) -> di
 def ddp_bytes(optimizer, steps: int, world_size: int) -> int:
     """What DDP passes to its gradient all-reduce in ``steps`` optimizer steps: every trainable
     parameter's gradient, in its dtype, once a step (none with one process)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    per_step = sum(p.numel() * p.element_size() for g in inner.param_groups for p in g["params"] if p.requires_grad)
-    return per_step * steps if world_size > 1 else 0
+    from hf_ista.optim.lordo import ddp_bytes_per_step
+
+    return ddp_bytes_per_step(getattr(optimizer, "optimizer", optimizer)) * steps if world_size > 1 else 0
 
 
 def bytes_communicated(optimizer, steps: int, world_size: int) -> int:

@@ -95,6 +95,12 @@ def top_subspace(x: torch.Tensor, rank: int) -> torch.Tensor:
     return vectors[:, -rank:].flip(1).contiguous()
 
 
+def ddp_bytes_per_step(optimizer: torch.optim.Optimizer) -> int:
+    """What DDP's gradient all-reduce passes to its collectives for one step of ``optimizer``'s
+    parameters (every trainable one's gradient, in its dtype)."""
+    return sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+
+
 def disable_gradient_sync(ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
     """Make a DDP model keep every worker's own gradient: its buckets go through torch's
     ``noop_hook`` (no all-reduce, no division by the world size). Idempotent."""
@@ -181,9 +187,7 @@ class LoRDO(LowRankAdam):
         dist.broadcast(t, src=self._source(), group=self.process_group)
 
     def ddp_bytes_per_step(self) -> int:
-        """What DDP's gradient all-reduce would pass to its collectives for one step of these
-        parameters (every gradient, in its parameter's dtype)."""
-        return sum(p.numel() * p.element_size() for g in self.param_groups for p in g["params"] if p.requires_grad)
+        return ddp_bytes_per_step(self)
 
     def _share_bases(self, params: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         """Set each low-rank ``params[i]``'s basis to the top-r subspace of ``sources[i]`` as rank 0
